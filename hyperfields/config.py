@@ -1,0 +1,217 @@
+"""Typed run configuration: YAML files plus dotted `key=value` overrides; unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from hyperfields.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = "tiny"  # diffusers SD folder or hub id; "tiny" = built-in test models
+    encoder: str = "tiny"  # transformers vision model folder or hub id (ViT, CLIP-vision, DINOv2)
+    train_encoder: bool = False  # fine-tune the image encoder together with the field
+    resolution: int = 64  # training image size in pixels (square, centre-cropped)
+
+
+@dataclass
+class LoraConfig:
+    targets: list[str] = dc_field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    rank: int = 4  # LoRA rank r
+    alpha: float = 4.0  # LoRA scale is alpha / rank
+    init_seed: int = 0  # seed of the fixed non-zero A_0 (theta_0); B_0 = 0
+
+
+@dataclass
+class FieldConfig:
+    width: int = 128  # transformer width of the weight tokens
+    depth: int = 2  # number of DiT blocks
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0
+    output_gain: float = 1.0  # multiplies every head's hyperfan output scale
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: Literal["matching", "supervised"] = "matching"  # gradient matching or two-phase regression
+    steps: int = 50  # T: length of the per-subject optimisation the field models
+    step_size: float = 0.01  # eta of the per-subject update
+    update: Literal["sgd", "normalized", "sign"] = "normalized"  # update rule u
+    rollout: int = 1  # K: real updates per target (K-step matching)
+    noise_draws: int = 2  # noise/timestep draws averaged per task gradient
+    loss: Literal["relative_mse", "cosine_norm"] = "relative_mse"  # step loss, normalised per tensor
+    max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 4  # conditions per step on each process
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to zero at max_steps
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0  # clip the field's gradient norm; 0 = off
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.0  # 0 = no EMA; else the final field is the EMA copy
+    seed: int = 0
+    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoints_limit: int = 2  # keep this many checkpoints; 0 = keep all
+    eval_every: int = 0  # held-out evaluation period; 0 = only at the end
+    heldout: int = 2  # images kept out of training for the held-out evaluation
+    eval_draws: int = 8  # fixed noise draws per held-out image in the evaluation
+    log_every: int = 10
+    skip_nonfinite: int = 0  # steps with non-finite values to skip before stopping
+
+
+@dataclass
+class DataConfig:
+    caption_template: str = "a photo of {token}"
+    token: str = "sks"  # the identifier token of the personalised subject
+
+
+@dataclass
+class Config:
+    model: ModelConfig = dc_field(default_factory=ModelConfig)
+    lora: LoraConfig = dc_field(default_factory=LoraConfig)
+    field: FieldConfig = dc_field(default_factory=FieldConfig)
+    objective: ObjectiveConfig = dc_field(default_factory=ObjectiveConfig)
+    train: TrainConfig = dc_field(default_factory=TrainConfig)
+    data: DataConfig = dc_field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_POSITIVE = {
+    "model.resolution", "lora.rank", "lora.alpha", "field.width", "field.depth", "field.heads",
+    "field.mlp_ratio", "objective.steps", "objective.step_size", "objective.rollout",
+    "objective.noise_draws", "train.max_steps", "train.batch_size", "train.learning_rate",
+    "train.gradient_accumulation", "train.eval_draws", "train.log_every",
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """The value converted to the annotated type, or a UserError naming the key."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, typing.List):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}': expected a list, got {value!r}")
+        (item_type,) = get_args(annotation)
+        return [_coerce(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"config key '{key}': expected true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            number = float(value) if annotation is float else value if isinstance(value, int) else int(str(value), 10)
+        except ValueError:
+            raise UserError(f"config key '{key}': expected {'an integer' if annotation is int else 'a number'}, got {value!r}") from None
+        if isinstance(number, float) and annotation is int:
+            raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise UserError(f"config key '{key}': expected text, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in (f.name for f in dataclasses.fields(Config))}
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    sections = _sections()
+    if section_name not in sections or not name:
+        raise UserError(f"unknown config key '{key}'; sections are {', '.join(sections)}")
+    section = getattr(config, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise UserError(f"unknown config key '{key}'; '{section_name}' has {', '.join(hints)}")
+    setattr(section, name, _coerce(value, hints[name], key))
+
+
+def _validate(config: Config) -> None:
+    for key in _POSITIVE:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value <= 0:
+            raise UserError(f"config key '{key}': must be positive, got {value}")
+    if config.field.width % config.field.heads:
+        raise UserError(f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}")
+    if config.objective.rollout >= config.objective.steps:
+        raise UserError(f"config key 'objective.rollout': {config.objective.rollout} must be below objective.steps={config.objective.steps}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
+    for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
+                "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
+                "objective.max_step_norm"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 0:
+            raise UserError(f"config key '{key}': must not be negative")
+    if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
+        raise UserError(f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {config.data.caption_template!r}")
+
+
+def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:
+    flat = {}
+    for section, values in mapping.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: '{section}' must be a mapping of keys (e.g. {section}:\\n  key: value)")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> Config:
+    """A validated Config from a nested {section: {key: value}} mapping."""
+    config = Config()
+    for key, value in _flatten(values, where).items():
+        _set(config, key, value)
+    _validate(config)
+    return config
+
+
+def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The Config from a YAML file (defaults where absent) with `section.key=value` overrides applied."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file '{path}' does not exist") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise UserError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
+    config = config_from_dict(values, where=str(path or "config"))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise UserError(f"--set '{override}': expected key=value, e.g. train.max_steps=100")
+        _set(config, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    _validate(config)
+    return config

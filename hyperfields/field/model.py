@@ -1,0 +1,131 @@
+"""HyperField: (condition image, step t) -> adapter weights by name, with Psi(c, 0) = theta_0 exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from hyperfields.field.blocks import FieldBlock, FinalLayer, PhaseEmbedder
+from hyperfields.field.encoder import ImageEncoder
+
+
+def _shape_key(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+class HyperField(nn.Module):
+    """Psi(c, t) = theta_0 + (t / T) * Delta(c, t), one token per published tensor, one head per shape."""
+
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        layout: Mapping[str, tuple[int, ...]],
+        theta0: Mapping[str, torch.Tensor],
+        init_std: Mapping[str, float],
+        steps: int,
+        width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        output_gain: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.names = list(layout)
+        self.shapes = {name: tuple(layout[name]) for name in self.names}
+        self.steps = steps
+        self.image_proj = nn.Linear(encoder.width, width)
+        self.pool_proj = nn.Linear(width, width)
+        self.phase_embed = PhaseEmbedder(width)
+        self.tokens = nn.Parameter(torch.zeros(len(self.names), width))
+        self.blocks = nn.ModuleList(FieldBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.final = FinalLayer(width)
+        # Tensors of one shape share a head; a fixed per-tensor scale gives each its own init variance.
+        self.groups: dict[str, list[int]] = {}
+        for index, name in enumerate(self.names):
+            self.groups.setdefault(_shape_key(self.shapes[name]), []).append(index)
+        self.heads = nn.ModuleDict({key: nn.Linear(width, self._numel(key)) for key in self.groups})
+        for key, indices in self.groups.items():
+            scale = torch.tensor([output_gain * init_std[self.names[i]] for i in indices]).view(1, -1, 1)
+            self.register_buffer(f"scale_{key}", scale)
+        for index, name in enumerate(self.names):
+            self.register_buffer(f"theta0_{index}", theta0[name].detach().float().clone().reshape(self.shapes[name]))
+        self.initialize_weights()
+
+    @staticmethod
+    def _numel(key: str) -> int:
+        return int(torch.tensor([int(s) for s in key.split("x")]).prod())
+
+    def initialize_weights(self) -> None:
+        def xavier(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(xavier)
+        # Learned token (layer) embeddings: small and distinct, so every tensor starts with its own Delta.
+        nn.init.normal_(self.tokens, std=0.02)
+        nn.init.normal_(self.phase_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.phase_embed.mlp[2].weight, std=0.02)
+        # Zero-out adaLN modulation: every block starts as the identity (DiT's adaLN-Zero).
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
+        # Hyperfan: the final LayerNorm gives unit-variance inputs, so weight variance 1/width makes
+        # each head's output unit-variance; the per-tensor scale buffers then give the target std.
+        for head in self.heads.values():
+            nn.init.normal_(head.weight, std=head.in_features ** -0.5)
+            nn.init.zeros_(head.bias)
+
+    def theta0(self) -> dict[str, torch.Tensor]:
+        """The fixed start weights theta_0 by name (no batch dimension)."""
+        return {name: getattr(self, f"theta0_{i}") for i, name in enumerate(self.names)}
+
+    def init_std(self) -> dict[str, float]:
+        """The hyperfan target std of each generated tensor at init."""
+        stds = {}
+        for key, indices in self.groups.items():
+            scale = getattr(self, f"scale_{key}").flatten()
+            stds.update({self.names[i]: float(scale[j]) for j, i in enumerate(indices)})
+        return stds
+
+    def delta(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Delta(c, t) by name, each (N, *shape)."""
+        phase = t.float() / self.steps  # bounded phase t/T, never raw t
+        cond = self.phase_embed(phase) + self.pool_proj(image_tokens.mean(dim=1))  # (N, D)
+        x = self.tokens.unsqueeze(0).expand(image_tokens.shape[0], -1, -1)  # (N, W, D)
+        for block in self.blocks:
+            x = block(x, image_tokens, cond)
+        x = self.final(x, cond)  # (N, W, D)
+        out = {}
+        for key, indices in self.groups.items():
+            generated = self.heads[key](x[:, indices]) * getattr(self, f"scale_{key}")  # (N, n_key, numel)
+            for j, i in enumerate(indices):
+                out[self.names[i]] = generated[:, j].reshape(-1, *self.shapes[self.names[i]])
+        return out
+
+    def forward(
+        self,
+        t: torch.Tensor | int | float,
+        images: torch.Tensor | None = None,
+        encoder_tokens: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Psi(c, t) by name, each (N, *shape), from images or from a frozen encoder's tokens computed once."""
+        if encoder_tokens is None:
+            if images is None:
+                raise ValueError("HyperField needs images or encoder_tokens")
+            encoder_tokens = self.encoder(images)
+        image_tokens = self.image_proj(encoder_tokens)
+        n = image_tokens.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=image_tokens.device).reshape(-1).expand(n)
+        delta = self.delta(image_tokens, t)
+        theta0 = self.theta0()
+        out = {}
+        for name in self.names:
+            phase = (t / self.steps).view(n, *([1] * len(self.shapes[name])))
+            out[name] = theta0[name] + phase * delta[name]
+        return out

@@ -1,0 +1,50 @@
+"""The field: exact boundary at t = 0, hyperfan init, gradients reach every head."""
+
+from __future__ import annotations
+
+import torch
+
+from hyperfields.config import ObjectiveConfig
+from hyperfields.field.model import HyperField
+from hyperfields.matching import gradient_matching_loss
+from tests.conftest import QuadraticTask, tiny_vit_encoder
+
+
+def big_layout_field() -> tuple[HyperField, dict]:
+    layout = {f"block{i}.lora_A": (4, 64) for i in range(3)} | {f"block{i}.lora_B": (96, 4) for i in range(3)}
+    theta0 = {name: torch.randn(shape) if name.endswith("A") else torch.zeros(shape) for name, shape in layout.items()}
+    init_std = {name: (3 * shape[1]) ** -0.5 for name, shape in layout.items()}
+    torch.manual_seed(0)
+    return HyperField(tiny_vit_encoder(), layout, theta0, init_std, steps=50, width=64, depth=2, heads=4), theta0
+
+
+def test_field_at_step_zero_is_exactly_theta0():
+    field, theta0 = big_layout_field()
+    out = field(t=0, images=torch.rand(3, 3, 16, 16) * 2 - 1)
+    for name, weights in out.items():
+        assert weights.shape == (3, *theta0[name].shape)
+        assert torch.equal(weights, theta0[name].expand_as(weights))
+
+
+def test_generated_variance_at_init_matches_hyperfan_target():
+    field, theta0 = big_layout_field()
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    out = field(t=field.steps, images=images)
+    for name, target_std in field.init_std().items():
+        delta = out[name] - theta0[name]
+        ratio = delta.var().item() / target_std**2
+        assert 0.75 <= ratio <= 1.25, f"{name}: variance ratio {ratio:.2f}"
+
+
+def test_every_head_gets_a_gradient_at_the_first_step():
+    task = QuadraticTask()
+    torch.manual_seed(0)
+    field = HyperField(tiny_vit_encoder(), task.layout(), task.initial_weights(), task.init_std(), steps=20, width=32, depth=1, heads=4)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd", rollout=1)
+    stats = gradient_matching_loss(field, task, {"images": images}, task.prepare(images, [""] * 4),
+                                   torch.tensor([0, 3, 7, 12]), objective, torch.Generator().manual_seed(0))
+    stats.loss.backward()
+    for key, head in field.heads.items():
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0, key
+    assert field.tokens.grad.abs().sum() > 0

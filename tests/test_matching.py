@@ -1,0 +1,88 @@
+"""Gradient matching reproduces a trajectory known in closed form; update rules and step losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperfields.config import ObjectiveConfig
+from hyperfields.field.model import HyperField
+from hyperfields.matching import NonFiniteError, gradient_matching_loss, step_loss, update_direction
+from tests.conftest import QuadraticTask, tiny_vit_encoder
+
+
+def colour_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
+    return colours.expand(n, 3, 16, 16) + 0.05 * torch.randn(n, 3, 16, 16, generator=g)
+
+
+def train_on_quadratic(task: QuadraticTask, images: torch.Tensor, objective: ObjectiveConfig, iterations: int) -> HyperField:
+    torch.manual_seed(0)
+    field = HyperField(tiny_vit_encoder(), task.layout(), task.initial_weights(), task.init_std(), steps=objective.steps, width=64, depth=2, heads=4)
+    optimiser = torch.optim.AdamW([p for p in field.parameters() if p.requires_grad], lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=iterations, pct_start=0.1)
+    inputs = task.prepare(images, [""] * len(images))
+    generator = torch.Generator().manual_seed(0)
+    tokens = field.encoder(images)
+    for _ in range(iterations):
+        t = torch.randint(0, objective.steps - objective.rollout + 1, (len(images),), generator=generator)
+        stats = gradient_matching_loss(field, task, {"encoder_tokens": tokens}, inputs, t, objective, generator)
+        optimiser.zero_grad()
+        stats.loss.backward()
+        torch.nn.utils.clip_grad_norm_(field.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+    return field
+
+
+def test_matching_reproduces_the_closed_form_trajectory(quadratic_task):
+    objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd", rollout=1, noise_draws=1)
+    images = colour_images(4, seed=1)
+    field = train_on_quadratic(quadratic_task, images, objective, iterations=1500)
+    inputs = quadratic_task.prepare(images, [""] * 4)
+    worst = 0.0
+    with torch.no_grad():
+        tokens = field.encoder(images)
+        for t in range(objective.steps + 1):
+            predicted = field(t=t, encoder_tokens=tokens)
+            exact = quadratic_task.trajectory(inputs, objective.step_size, t)
+            error = torch.cat([(predicted[n] - exact[n]).flatten(1) for n in exact], 1).norm(dim=1)
+            size = torch.cat([exact[n].flatten(1) for n in exact], 1).norm(dim=1)
+            worst = max(worst, (error / size).max().item())
+    assert worst < 0.05, f"worst relative error along t: {worst:.3f}"
+
+
+def test_update_rules():
+    g = {"w": torch.tensor([[3.0, -4.0], [0.0, 2.0]])}
+    assert torch.equal(update_direction(g, "sgd")["w"], g["w"])
+    assert torch.equal(update_direction(g, "sign")["w"], torch.tensor([[1.0, -1.0], [0.0, 1.0]]))
+    normalised = update_direction(g, "normalized")["w"]
+    assert torch.allclose(normalised.norm(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", ["relative_mse", "cosine_norm"])
+def test_step_loss_is_zero_only_for_the_real_step_and_scale_free(kind):
+    real = {"a": torch.randn(2, 5) * 1e-4, "b": torch.randn(2, 3) * 1e-4}
+    assert step_loss(real, real, kind).item() < 1e-6
+    # A predicted step of zero costs the same whatever the size of the real step.
+    zero = {n: torch.zeros_like(v) for n, v in real.items()}
+    small = step_loss(zero, real, kind)
+    large = step_loss(zero, {n: v * 1e4 for n, v in real.items()}, kind)
+    assert small.item() > 0.5 and abs(small.item() - large.item()) < 1e-3
+
+
+def test_step_loss_survives_a_tensor_with_zero_real_step():
+    real = {"lora_A": torch.zeros(2, 6), "lora_B": torch.randn(2, 6)}
+    predicted = {"lora_A": torch.full((2, 6), 1e-3), "lora_B": real["lora_B"].clone()}
+    assert 0 < step_loss(predicted, real, "relative_mse").item() < 1.0
+
+
+def test_nonfinite_task_gradient_stops_with_an_error(quadratic_task):
+    objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd")
+    images = colour_images(2, seed=0)
+    field = HyperField(tiny_vit_encoder(), quadratic_task.layout(), quadratic_task.initial_weights(), quadratic_task.init_std(), steps=20, width=32, depth=1, heads=4)
+    inputs = quadratic_task.prepare(images, ["", ""])
+    inputs["layer.bias"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        gradient_matching_loss(field, quadratic_task, {"images": images}, inputs, torch.tensor([1, 2]), objective, torch.Generator())
