@@ -11,13 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import ViTConfig, ViTModel  # noqa: E402
 
-from hyperfields.field.encoder import ImageEncoder, ImageNorm  # noqa: E402
+from hyperfields.field.encoder import ImageEncoder  # noqa: E402
+from hyperfields.models import ImageNorm  # noqa: E402
 
 
 def tiny_vit_encoder(seed: int = 0) -> ImageEncoder:
     torch.manual_seed(seed)
     config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    return ImageEncoder(ViTModel(config, add_pooling_layer=False), ImageNorm(size=16))
+    return ImageEncoder(ViTModel(config, add_pooling_layer=False), ImageNorm(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
 
 
 class QuadraticTask:

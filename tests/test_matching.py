@@ -69,7 +69,7 @@ def test_step_loss_is_zero_only_for_the_real_step_and_scale_free(kind):
     zero = {n: torch.zeros_like(v) for n, v in real.items()}
     small = step_loss(zero, real, kind)
     large = step_loss(zero, {n: v * 1e4 for n, v in real.items()}, kind)
-    assert small.item() > 0.5 and abs(small.item() - large.item()) < 1e-3
+    assert small.item() > 0.5 and abs(small.item() - large.item()) < 1e-2 * small.item()
 
 
 def test_step_loss_survives_a_tensor_with_zero_real_step():

@@ -129,7 +129,7 @@ def test_pipeline_components_are_frozen_and_fit_together(tiny: Path) -> None:
         text = parts.text_encoder(ids).last_hidden_state
         latents = parts.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
         noise = parts.unet(latents, torch.tensor([10]), encoder_hidden_states=text).sample
-    assert latents.shape == (1, 4, 32, 32)
+    assert latents.shape == (1, 4, 16, 16)
     assert noise.shape == latents.shape
     targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_targets = [name for name, _ in parts.unet.named_modules() if name.endswith(targets)]
@@ -190,13 +190,13 @@ def test_missing_encoder_is_a_user_error_naming_it(tmp_path: Path) -> None:
 def test_tiny_resolves_to_a_cache_written_once(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYPERFIELDS_CACHE", str(tmp_path))
     pipeline = Path(resolve_model_path("tiny", "pipeline"))
-    assert pipeline == tmp_path / "tiny-v1" / "pipeline"
+    assert pipeline == tmp_path / "tiny-v2" / "pipeline"
     assert (pipeline / "model_index.json").is_file()
-    assert Path(resolve_model_path("tiny", "encoder")) == tmp_path / "tiny-v1" / "encoder"
+    assert Path(resolve_model_path("tiny", "encoder")) == tmp_path / "tiny-v2" / "encoder"
     # Only the final folder is left: staging copies are renamed into place or removed.
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v2"]
     stamp = (pipeline / "model_index.json").stat().st_mtime_ns
-    assert tiny_models_dir() == tmp_path / "tiny-v1"
+    assert tiny_models_dir() == tmp_path / "tiny-v2"
     assert (pipeline / "model_index.json").stat().st_mtime_ns == stamp
 
 

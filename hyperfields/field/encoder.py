@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ImageNorm:
-    """How the encoder expects its pixels: square size and per-channel mean/std in [0, 1] units."""
-
-    size: int
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+from hyperfields.models import ImageNorm, encoder_width
 
 
 class ImageEncoder(nn.Module):
@@ -26,7 +17,7 @@ class ImageEncoder(nn.Module):
         self.model = model
         self.norm = norm
         self.trainable = trainable
-        self.width = int(model.config.hidden_size)
+        self.width = encoder_width(model)
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1), persistent=False)
         model.requires_grad_(trainable)

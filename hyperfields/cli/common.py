@@ -1,0 +1,42 @@
+"""What every command shares: option aliases defined once, and user errors as one line with exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+import typer
+
+from hyperfields.errors import TrainingError, UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file; built-in defaults where a key is absent.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override one config key, e.g. --set train.max_steps=500. Repeatable.")]
+BaseModelOption = Annotated[str | None, typer.Option("--base-model", help="diffusers Stable Diffusion folder or hub id; 'tiny' = built-in test model.")]
+EncoderOption = Annotated[str | None, typer.Option("--encoder", help="transformers vision model folder or hub id (ViT, CLIP, DINOv2); 'tiny' = built-in.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def reports_errors(command: F) -> F:
+    """Turn UserError into 'error: ...' with exit code 2 and TrainingError into exit code 1; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            raise fail(str(error), 2) from None
+        except TrainingError as error:
+            raise fail(str(error), 1) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+
+    return wrapper  # type: ignore[return-value]

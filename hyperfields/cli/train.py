@@ -1,0 +1,39 @@
+"""`hyperfields train`: train a field on an image folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hyperfields.cli.common import BaseModelOption, ConfigOption, EncoderOption, SetOption, reports_errors
+from hyperfields.config import load_config
+from hyperfields.errors import UserError
+
+
+@reports_errors
+def train_command(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Folder of training images (searched recursively; captions from <name>.txt or metadata.jsonl).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints/, logs/ (tensorboard) and the final field/.")],
+    config: ConfigOption = None,
+    base_model: BaseModelOption = None,
+    encoder: EncoderOption = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimiser steps to train for (train.max_steps).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N steps.")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="'latest' (newest complete checkpoint in --output) or a checkpoint folder.")] = None,
+    skip_nonfinite: Annotated[int | None, typer.Option("--skip-nonfinite", help="Skip up to N steps with NaN/Inf values instead of stopping.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a hypernetwork field by gradient matching on an image folder."""
+    overrides = list(set_ or [])
+    for key, value in (("model.base_model", base_model), ("model.encoder", encoder), ("train.max_steps", max_steps),
+                       ("train.checkpoint_every", checkpoint_every), ("train.skip_nonfinite", skip_nonfinite)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(config, overrides)
+    if not data.is_dir():
+        raise UserError(f"--data '{data}' is not a folder of images")
+    from hyperfields.trainer import train  # heavy imports only once the arguments are known to be good
+
+    train(cfg, data, output, resume)

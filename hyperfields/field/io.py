@@ -1,0 +1,97 @@
+"""Field folders: config.json (a readable record of how the field was made) + model.safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hyperfields.errors import UserError
+from hyperfields.field.encoder import ImageEncoder
+from hyperfields.field.model import HyperField
+from hyperfields.models import load_encoder
+
+FORMAT = "hyperfields-field"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a field's numbers, for its record."""
+    versions = {}
+    for package in ("hyperfields", "torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def field_state_dict(field: HyperField) -> dict[str, torch.Tensor]:
+    """The field's tensors to save; a frozen encoder is left out (the record names it, it is loaded by name)."""
+    state = field.state_dict()
+    if not field.encoder.trainable:
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_field(field: HyperField, folder: Path, record: dict[str, Any]) -> Path:
+    """Write the field folder atomically: a temporary sibling renamed into place once complete."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    record = {"format": FORMAT, "format_version": 1, **record, "versions": package_versions()}
+    save_file(field_state_dict(field), str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, folder)
+    return folder
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """The field folder's config.json, checked to be a hyperfields field."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"field folder '{folder}': no {CONFIG_NAME} (is it a folder written by 'hyperfields train'?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not valid JSON ({error})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not a hyperfields field record")
+    return record
+
+
+def load_field(folder: Path, device: str | torch.device = "cpu") -> tuple[HyperField, dict[str, Any]]:
+    """The trained field and its record from a field folder."""
+    record = read_record(folder)
+    try:
+        state = load_file(str(Path(folder) / WEIGHTS_NAME), device="cpu")
+    except FileNotFoundError:
+        raise UserError(f"field folder '{folder}': no {WEIGHTS_NAME}") from None
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} is truncated or not safetensors ({error})") from None
+    model, norm = load_encoder(record["encoder"])
+    encoder = ImageEncoder(model, norm, trainable=record["train_encoder"])
+    layout = {name: tuple(shape) for name, shape in record["layout"].items()}
+    zeros = {name: torch.zeros(shape) for name, shape in layout.items()}
+    ones = {name: 1.0 for name in layout}
+    field = HyperField(encoder, layout, zeros, ones, steps=record["steps"], **record["field"])
+    missing, unexpected = field.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("encoder.")]
+    if missing or unexpected:
+        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} does not match its config ({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]})")
+    return field.to(device).eval(), record

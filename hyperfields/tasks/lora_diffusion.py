@@ -1,0 +1,94 @@
+"""The LoRA-diffusion task: per-sample LoRA on a frozen UNet, DreamBooth noise-prediction loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hyperfields.config import LoraConfig
+from hyperfields.errors import UserError
+from hyperfields.lora.batched import BatchedLora
+from hyperfields.lora.targets import find_lora_targets, lora_layout
+from hyperfields.models import PipelineParts
+from hyperfields.tasks.base import Weights
+
+
+@dataclass
+class DiffusionInputs:
+    """What the loss needs from a batch of conditions: VAE latents and text embeddings."""
+
+    latents: torch.Tensor  # (N, C, h, w), already scaled by the VAE's scaling factor
+    text_embeddings: torch.Tensor  # (N, L, D)
+
+
+class LoraDiffusionTask:
+    """Personalise a Stable Diffusion UNet with a LoRA per subject; theta_0 = (seeded A_0 != 0, B_0 = 0)."""
+
+    def __init__(self, parts: PipelineParts, lora: LoraConfig) -> None:
+        self.parts = parts
+        self.config = lora
+        self.targets = find_lora_targets(parts.unet, lora.targets)
+        self._layout = lora_layout(parts.unet, self.targets, lora.rank)
+        self.scale = lora.alpha / lora.rank
+        self.lora = BatchedLora.attach(parts.unet, self.targets, self.scale)
+        prediction_type = parts.noise_scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(f"base model scheduler: prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+        self.prediction_type = prediction_type
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parts.unet.parameters()).device
+
+    def layout(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._layout)
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        # A_0 as peft initialises lora_A (kaiming-uniform, a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), fixed by a
+        # seed; non-zero so the B gradient is non-zero at t = 0. B_0 = 0 so theta_0 is exactly the base model.
+        generator = torch.Generator().manual_seed(self.config.init_seed)
+        weights = {}
+        for name, shape in self._layout.items():
+            if name.endswith(".lora_A"):
+                bound = shape[1] ** -0.5
+                weights[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            else:
+                weights[name] = torch.zeros(shape)
+        return weights
+
+    def init_std(self) -> dict[str, float]:
+        # Hyperfan: the std of the classical init of each tensor seen as a linear map of its fan-in
+        # (in for A, r for B); FieldConfig.output_gain scales it down to the size of a short trajectory.
+        return {name: (3 * shape[1]) ** -0.5 for name, shape in self._layout.items()}
+
+    @torch.no_grad()
+    def prepare(self, images: torch.Tensor, captions: list[str]) -> DiffusionInputs:
+        parts = self.parts
+        vae_dtype = next(parts.vae.parameters()).dtype
+        # The posterior mean, not a sample: the condition's latent is deterministic, the loss draws the noise.
+        latents = parts.vae.encode(images.to(self.device, vae_dtype)).latent_dist.mean
+        latents = latents * parts.vae.config.scaling_factor
+        tokens = parts.tokenizer(captions, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+        text = parts.text_encoder(tokens)[0]
+        return DiffusionInputs(latents=latents.float(), text_embeddings=text)
+
+    def loss(self, weights: Weights, inputs: DiffusionInputs, draws: int, generator: torch.Generator) -> torch.Tensor:
+        n = inputs.latents.shape[0]
+        latents = inputs.latents.repeat_interleave(draws, dim=0)  # rows ordered (sample, draw)
+        text = inputs.text_embeddings.repeat_interleave(draws, dim=0)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        steps = self.parts.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device).to(latents.device)
+        noisy = self.parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else self.parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+        unet_dtype = next(self.parts.unet.parameters()).dtype
+        self.lora.set_weights(weights)
+        try:
+            prediction = self.parts.unet(noisy.to(unet_dtype), timesteps, text.to(unet_dtype)).sample
+        finally:
+            self.lora.clear()
+        per_row = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        return per_row.view(n, draws).mean(dim=1)  # (N,)

@@ -1,0 +1,357 @@
+"""The accelerate training loop of a hypernetwork field: once-in-a-while blocks, then one training step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from hyperfields.config import Config
+from hyperfields.data import ImageCaptionDataset, scan_image_folder, split_heldout
+from hyperfields.errors import TrainingError, UserError
+from hyperfields.evaluation import HeldoutReference, evaluate_field, heldout_reference
+from hyperfields.field.encoder import ImageEncoder
+from hyperfields.field.io import save_field
+from hyperfields.field.model import HyperField
+from hyperfields.matching import NonFiniteError, gradient_matching_loss
+from hyperfields.models import load_encoder, load_pipeline_components
+from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    field_dir: Path
+    steps: int
+    recovered: float | None  # held-out R at the end, when images were held out
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, checkpointed with the rest."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float) -> None:
+        self.parameters = parameters
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.parameters], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        for shadow, p in zip(self.shadow, self.parameters):
+            p.copy_(shadow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.parameters)]
+
+
+def print0(accelerator: Accelerator, *args: Any) -> None:
+    if accelerator.is_main_process:
+        Console(stderr=True, highlight=False).print(*args)
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (incomplete ones are temporary names and never listed)."""
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("checkpoint-") and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(output: Path, resume: str) -> Path:
+    """The checkpoint to resume from: 'latest' in the output folder, or a given checkpoint folder."""
+    if resume == "latest":
+        found = checkpoint_dirs(output)
+        if not found:
+            raise UserError(f"--resume latest: no complete checkpoint in '{output / CHECKPOINTS}'")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise UserError(f"--resume '{resume}': not a checkpoint folder (no {STATE_NAME}); use 'latest' or a checkpoint-N folder")
+    return path
+
+
+def _check_output(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"output folder '{output}' cannot be written ({error.strerror or error})") from None
+
+
+class Trainer:
+    """Builds the task, the field and the accelerate objects from a Config, then trains."""
+
+    def __init__(self, config: Config, data_dir: Path, output: Path) -> None:
+        self.config = config
+        self.output = Path(output)
+        _check_output(self.output)
+        train = config.train
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=train.gradient_accumulation,
+            mixed_precision=train.mixed_precision,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.output), logging_dir=str(self.output / "logs")),
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        warn = (lambda message: print0(acc, f"[yellow]warning:[/] {message}")) if acc.is_main_process else (lambda message: None)
+        report = scan_image_folder(Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn)
+        print0(acc, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
+        self.train_records, self.heldout_records = split_heldout(report.records, train.heldout, train.seed)
+        self.dataset = ImageCaptionDataset(self.train_records, config.model.resolution)
+        self.heldout = ImageCaptionDataset(self.heldout_records, config.model.resolution)
+
+        # Frozen models in the compute precision, the field and its optimiser in fp32.
+        weight_dtype = _DTYPES[train.mixed_precision]
+        parts = load_pipeline_components(config.model.base_model, weight_dtype)
+        for module in (parts.unet, parts.vae, parts.text_encoder):
+            module.to(acc.device)
+        self.task = LoraDiffusionTask(parts, config.lora)
+        encoder_model, norm = load_encoder(config.model.encoder)
+        encoder = ImageEncoder(encoder_model, norm, trainable=config.model.train_encoder)
+        torch.manual_seed(train.seed)  # the same init on every process
+        field = HyperField(
+            encoder, self.task.layout(), self.task.initial_weights(), self.task.init_std(), steps=config.objective.steps,
+            width=config.field.width, depth=config.field.depth, heads=config.field.heads,
+            mlp_ratio=config.field.mlp_ratio, output_gain=config.field.output_gain,
+        )
+        parameters = [p for p in field.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
+        self.field, self.optimizer, self.schedule = acc.prepare(field, optimizer, schedule)
+        self.ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        self.step = 0
+        self.skipped_nonfinite = 0
+        self.reference: HeldoutReference | None = None
+        n_params = sum(p.numel() for p in parameters)
+        print0(acc, f"field: {n_params / 1e6:.2f}M trainable parameters predicting {len(self.task.targets)} LoRA targets "
+                    f"(rank {config.lora.rank}) on {acc.num_processes} process(es), device {acc.device}")
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def save_checkpoint(self) -> Path:
+        """save_state into a temporary folder on every process, renamed into place when complete."""
+        acc = self.accelerator
+        root = self.output / CHECKPOINTS
+        final = root / f"checkpoint-{self.step}"
+        staging = root / f".tmp-checkpoint-{self.step}"
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(staging), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
+            (staging / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            limit = self.config.train.checkpoints_limit
+            for old in checkpoint_dirs(self.output)[:-limit] if limit else []:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        self.step = int(state["step"])
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        print0(self.accelerator, f"resumed from '{path}' at step {self.step}")
+
+    def last_checkpoint_text(self) -> str:
+        found = checkpoint_dirs(self.output)
+        return f"last good checkpoint: '{found[-1]}'" if found else "no checkpoint was written yet"
+
+    # ------------------------------------------------------------------------------------------- pieces
+
+    def _generator(self, purpose: int) -> torch.Generator:
+        # Every random draw depends only on (seed, step, process, purpose): a resumed run sees the same batches
+        # and noise as an uninterrupted one, without restoring any global RNG.
+        seed = self.config.train.seed * 1_000_003 + self.step * 7919 + self.accelerator.process_index * 104_729 + purpose
+        return torch.Generator(device=self.accelerator.device).manual_seed(seed)
+
+    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
+        picks = torch.randint(0, len(self.dataset), (self.config.train.batch_size,), generator=torch.Generator().manual_seed(
+            self.config.train.seed * 1_000_003 + self.step * 7919 + self.accelerator.process_index * 104_729 + 31 * micro))
+        items = [self.dataset[int(i)] for i in picks]
+        images = torch.stack([item["pixel_values"] for item in items]).to(self.accelerator.device)
+        return images, [item["caption"] for item in items]
+
+    def _field_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.config.model.train_encoder:
+            return {"images": images}
+        with torch.no_grad():  # a frozen encoder runs once per step, outside the field's graph
+            return {"encoder_tokens": self.accelerator.unwrap_model(self.field).encoder(images)}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser update (gradient_accumulation micro-batches); raises NonFiniteError on NaN/Inf."""
+        acc, objective = self.accelerator, self.config.objective
+        logs: dict[str, float] = {"loss": 0.0, "task_loss": 0.0, "step_norm": 0.0}
+        for micro in range(self.config.train.gradient_accumulation):
+            images, captions = self._batch(micro)
+            inputs = self.task.prepare(images, captions)
+            generator = self._generator(micro)
+            t = torch.randint(0, objective.steps - objective.rollout + 1, (images.shape[0],), generator=generator, device=generator.device)
+            with acc.accumulate(self.field):
+                with acc.autocast():
+                    stats = gradient_matching_loss(self.field, self.task, self._field_inputs(images), inputs, t, objective, generator)
+                if not torch.isfinite(stats.loss):
+                    raise NonFiniteError("non-finite matching loss")
+                acc.backward(stats.loss)
+                if acc.sync_gradients:
+                    grads = [p.grad for p in self.field.parameters() if p.grad is not None]
+                    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                    if not torch.isfinite(norm):
+                        raise NonFiniteError("non-finite gradient of the field")
+                    if self.config.train.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.field.parameters(), self.config.train.max_grad_norm)
+                    logs["grad_norm"] = float(norm)
+                self.optimizer.step()
+                self.schedule.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            scale = 1 / self.config.train.gradient_accumulation
+            logs["loss"] += float(stats.loss.detach()) * scale
+            logs["task_loss"] += stats.task_loss * scale
+            logs["step_norm"] += stats.step_norm * scale
+        if self.ema is not None:
+            self.ema.update()
+        logs["lr"] = self.schedule.get_last_lr()[0]
+        return logs
+
+    def evaluate(self) -> float | None:
+        """Held-out R on the main process, printed and logged; None when nothing is held out."""
+        acc = self.accelerator
+        if not len(self.heldout):
+            return None
+        recovered = None
+        if acc.is_main_process:
+            images = torch.stack([self.heldout[i]["pixel_values"] for i in range(len(self.heldout))]).to(acc.device)
+            captions = [self.heldout[i]["caption"] for i in range(len(self.heldout))]
+            if self.reference is None:
+                print0(acc, f"held-out: real optimisation of {len(self.heldout)} images for T={self.config.objective.steps} steps (once)")
+                self.reference = heldout_reference(self.task, images, captions, self.config.objective,
+                                                   self.config.train.eval_draws, self.config.train.seed + 99)
+            field = acc.unwrap_model(self.field)
+            field.eval()
+            report = evaluate_field(self.task, field, images, self.reference, self.config.objective.steps)
+            field.train()
+            recovered = report.recovered
+            print0(acc, f"step {self.step}: held-out loss theta_0 {report.loss_theta0:.4f}, real theta_T {report.loss_real:.4f}, "
+                        f"field Psi(c,T) {report.loss_field:.4f} -> recovered fraction R = {recovered:.3f}")
+            acc.log({"heldout/R": recovered, "heldout/loss_field": report.loss_field,
+                     "heldout/loss_real": report.loss_real, "heldout/loss_theta0": report.loss_theta0}, step=self.step)
+        acc.wait_for_everyone()
+        return recovered
+
+    def record(self, recovered: float | None) -> dict[str, Any]:
+        config = self.config
+        return {
+            "base_model": config.model.base_model, "encoder": config.model.encoder, "train_encoder": config.model.train_encoder,
+            "layout": {name: list(shape) for name, shape in self.task.layout().items()},
+            "targets": self.task.targets, "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
+            "steps": config.objective.steps, "step_size": config.objective.step_size, "update": config.objective.update,
+            "resolution": config.model.resolution, "caption_template": config.data.caption_template, "token": config.data.token,
+            "field": {"width": config.field.width, "depth": config.field.depth, "heads": config.field.heads,
+                      "mlp_ratio": config.field.mlp_ratio, "output_gain": config.field.output_gain},
+            "trained_steps": self.step, "heldout_recovered": recovered, "config": config.to_dict(),
+        }
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def train(self, resume: str | None = None) -> TrainResult:
+        acc, train = self.accelerator, self.config.train
+        if resume:
+            self.load_checkpoint(resolve_resume(self.output, resume))
+        if acc.is_main_process:
+            acc.init_trackers("hyperfields", config={k: v for k, v in _flat(self.config.to_dict()).items()})
+        progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} step/s"),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True),
+                            disable=not acc.is_main_process, transient=False)
+        bar = progress.add_task("train", total=train.max_steps, completed=self.step, rate="-", loss="-")
+        started, started_step = time.perf_counter(), self.step
+        with progress:
+            while self.step < train.max_steps:
+                try:
+                    logs = self.train_step()
+                except NonFiniteError as error:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped_nonfinite += 1
+                    if self.skipped_nonfinite > train.skip_nonfinite:
+                        raise TrainingError(f"stopped at step {self.step + 1}: {error}; {self.last_checkpoint_text()} "
+                                            f"(--skip-nonfinite N skips up to N such steps)") from None
+                    print0(acc, f"[yellow]warning:[/] step {self.step + 1}: {error}; skipped "
+                                f"({self.skipped_nonfinite} of {train.skip_nonfinite} allowed)")
+                    self.step += 1
+                    continue
+                self.step += 1
+                rate = (self.step - started_step) / (time.perf_counter() - started)
+                progress.update(bar, completed=self.step, rate=f"{rate:.2f}", loss=f"{logs['loss']:.4f}")
+                if self.step % train.log_every == 0 or self.step == train.max_steps:
+                    acc.log({f"train/{k}": v for k, v in logs.items()}, step=self.step)
+                if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+                    self.save_checkpoint()
+                if train.eval_every and self.step % train.eval_every == 0 and self.step < train.max_steps:
+                    self.evaluate()
+        self.save_checkpoint()
+        if self.ema is not None:
+            self.ema.copy_to_parameters()
+        recovered = self.evaluate()
+        field_dir = self.output / "field"
+        if acc.is_main_process:
+            save_field(acc.unwrap_model(self.field), field_dir, self.record(recovered))
+            if self.skipped_nonfinite:
+                print0(acc, f"skipped {self.skipped_nonfinite} step(s) with non-finite values")
+            print0(acc, f"field written to '{field_dir}'")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(field_dir=field_dir, steps=self.step, recovered=recovered)
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:  # tensorboard's hparams take scalars and text only
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def train(config: Config, data_dir: Path, output: Path, resume: str | None = None) -> TrainResult:
+    """Train a field on an image folder and write it to `output/field`; checkpoints under `output/checkpoints`."""
+    return Trainer(config, data_dir, output).train(resume)
