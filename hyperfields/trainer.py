@@ -64,9 +64,12 @@ class EMA:
         self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.parameters)]
 
 
-def print0(accelerator: Accelerator, *args: Any) -> None:
+CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: one message stays one line
+
+
+def print0(accelerator: Accelerator, *args: Any, markup: bool = True) -> None:
     if accelerator.is_main_process:
-        Console(stderr=True, highlight=False).print(*args)
+        CONSOLE.print(*args, markup=markup)
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -113,10 +116,11 @@ def _check_output(output: Path) -> None:
 class Trainer:
     """Builds the task, the field and the accelerate objects from a Config, then trains."""
 
-    def __init__(self, config: Config, data_dir: Path, output: Path) -> None:
+    def __init__(self, config: Config, data_dir: Path, output: Path, resume: str | None = None) -> None:
         self.config = config
         self.output = Path(output)
         _check_output(self.output)
+        self.resume_from = resolve_resume(self.output, resume) if resume else None
         train = config.train
         self.accelerator = Accelerator(
             gradient_accumulation_steps=train.gradient_accumulation,
@@ -126,7 +130,7 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
         )
         acc = self.accelerator
-        warn = (lambda message: print0(acc, f"[yellow]warning:[/] {message}")) if acc.is_main_process else (lambda message: None)
+        warn = (lambda message: print0(acc, message, markup=False)) if acc.is_main_process else (lambda message: None)
         report = scan_image_folder(Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn)
         print0(acc, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
         self.train_records, self.heldout_records = split_heldout(report.records, train.heldout, train.seed)
@@ -293,14 +297,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- loop
 
-    def train(self, resume: str | None = None) -> TrainResult:
+    def train(self) -> TrainResult:
         acc, train = self.accelerator, self.config.train
-        if resume:
-            self.load_checkpoint(resolve_resume(self.output, resume))
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
         if acc.is_main_process:
             acc.init_trackers("hyperfields", config={k: v for k, v in _flat(self.config.to_dict()).items()})
         progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} step/s"),
-                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=CONSOLE,
                             disable=not acc.is_main_process, transient=False)
         bar = progress.add_task("train", total=train.max_steps, completed=self.step, rate="-", loss="-")
         started, started_step = time.perf_counter(), self.step
@@ -354,4 +358,4 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def train(config: Config, data_dir: Path, output: Path, resume: str | None = None) -> TrainResult:
     """Train a field on an image folder and write it to `output/field`; checkpoints under `output/checkpoints`."""
-    return Trainer(config, data_dir, output).train(resume)
+    return Trainer(config, data_dir, output, resume).train()
