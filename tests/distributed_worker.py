@@ -1,0 +1,20 @@
+"""Run by torchrun from test_distributed.py: train a few steps, then dump this rank's field parameters."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from hyperfields.config import load_config
+from hyperfields.trainer import Trainer
+
+data, output = Path(sys.argv[1]), Path(sys.argv[2])
+config = load_config(Path("configs/tiny.yaml"), sys.argv[3:])
+trainer = Trainer(config, data, output)
+trainer.train()
+field = trainer.accelerator.unwrap_model(trainer.field)
+params = {name: p.detach().contiguous() for name, p in field.named_parameters() if p.requires_grad}
+save_file(params, str(output / f"params-rank{trainer.accelerator.process_index}.safetensors"))
+print(f"rank {trainer.accelerator.process_index} of {trainer.accelerator.num_processes} done", flush=True)

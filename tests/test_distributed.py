@@ -1,0 +1,51 @@
+"""Two real CPU processes (torchrun + gloo): identical fields on both ranks, one checkpoint, loadable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from hyperfields.field.io import load_field
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_field(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"{i}.png")
+    output = tmp_path / "run"
+    overrides = ["train.max_steps=3", "train.checkpoint_every=2", "train.batch_size=2", "objective.steps=6",
+                 "train.heldout=1", "train.eval_draws=2", "field.width=32", "field.depth=1", "train.warmup_steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "tests" / "distributed_worker.py"),
+               str(photos), str(output), *overrides]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 0 of 2 done" in result.stdout and "rank 1 of 2 done" in result.stdout
+    rank0 = load_file(str(output / "params-rank0.safetensors"))
+    rank1 = load_file(str(output / "params-rank1.safetensors"))
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # The zero-initialised adaLN weights moved, so the equality above is about synchronised training.
+    assert rank0["blocks.0.adaLN_modulation.1.weight"].abs().sum() > 0
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2", "checkpoint-3"]
+    assert len(list((output / "checkpoints" / "checkpoint-2").glob("model*.safetensors"))) == 1
+    field, record = load_field(output / "field")
+    assert record["trained_steps"] == 3
+    for name, value in rank0.items():
+        assert torch.equal(dict(field.named_parameters())[name].detach(), value), name
