@@ -16,6 +16,7 @@ from hyperfields.errors import UserError
 
 @dataclass
 class ModelConfig:
+    task: Literal["lora"] = "lora"  # what the field predicts: "lora" = a LoRA of a Stable Diffusion UNet
     base_model: str = "tiny"  # diffusers SD folder or hub id; "tiny" = built-in test models
     encoder: str = "tiny"  # transformers vision model folder or hub id (ViT, CLIP-vision, DINOv2)
     train_encoder: bool = False  # fine-tune the image encoder together with the field

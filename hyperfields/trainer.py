@@ -25,8 +25,8 @@ from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import save_field
 from hyperfields.field.model import HyperField
 from hyperfields.matching import NonFiniteError, gradient_matching_loss
-from hyperfields.models import load_encoder, load_pipeline_components
-from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from hyperfields.models import load_encoder
+from hyperfields.tasks import build_task
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -138,11 +138,7 @@ class Trainer:
         self.heldout = ImageCaptionDataset(self.heldout_records, config.model.resolution)
 
         # Frozen models in the compute precision, the field and its optimiser in fp32.
-        weight_dtype = _DTYPES[train.mixed_precision]
-        parts = load_pipeline_components(config.model.base_model, weight_dtype)
-        for module in (parts.unet, parts.vae, parts.text_encoder):
-            module.to(acc.device)
-        self.task = LoraDiffusionTask(parts, config.lora)
+        self.task = build_task(config, acc.device, _DTYPES[train.mixed_precision])
         encoder_model, norm = load_encoder(config.model.encoder)
         encoder = ImageEncoder(encoder_model, norm, trainable=config.model.train_encoder)
         torch.manual_seed(train.seed)  # the same init on every process
@@ -162,8 +158,8 @@ class Trainer:
         self.skipped_nonfinite = 0
         self.reference: HeldoutReference | None = None
         n_params = sum(p.numel() for p in parameters)
-        print0(acc, f"field: {n_params / 1e6:.2f}M trainable parameters predicting {len(self.task.targets)} LoRA targets "
-                    f"(rank {config.lora.rank}) on {acc.num_processes} process(es), device {acc.device}")
+        print0(acc, f"field: {n_params / 1e6:.2f}M trainable parameters predicting {len(self.task.layout())} tensors "
+                    f"on {acc.num_processes} process(es), device {acc.device}")
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -287,7 +283,7 @@ class Trainer:
         return {
             "base_model": config.model.base_model, "encoder": config.model.encoder, "train_encoder": config.model.train_encoder,
             "layout": {name: list(shape) for name, shape in self.task.layout().items()},
-            "targets": self.task.targets, "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
+            "task": config.model.task, "targets": getattr(self.task, "targets", None), "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
             "steps": config.objective.steps, "step_size": config.objective.step_size, "update": config.objective.update,
             "resolution": config.model.resolution, "caption_template": config.data.caption_template, "token": config.data.token,
             "field": {"width": config.field.width, "depth": config.field.depth, "heads": config.field.heads,
