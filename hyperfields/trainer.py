@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from rich.console import Console
+from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hyperfields.config import Config
@@ -30,6 +31,7 @@ from hyperfields.tasks import build_task
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
+EMA_NAME = "ema.safetensors"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -57,11 +59,13 @@ class EMA:
         for shadow, p in zip(self.shadow, self.parameters):
             p.copy_(shadow)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": self.shadow}
+    def save(self, path: Path) -> None:
+        # safetensors, not accelerate's custom-object pickle: a checkpoint never needs unpickling.
+        save_file({str(i): s.detach().contiguous().cpu() for i, s in enumerate(self.shadow)}, str(path))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.parameters)]
+    def load(self, path: Path) -> None:
+        tensors = load_file(str(path))
+        self.shadow = [tensors[str(i)].to(p.device) for i, p in enumerate(self.parameters)]
 
 
 CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: one message stays one line
@@ -152,8 +156,6 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
         self.field, self.optimizer, self.schedule = acc.prepare(field, optimizer, schedule)
         self.ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
         self.step = 0
         self.skipped_nonfinite = 0
         self.reference: HeldoutReference | None = None
@@ -177,6 +179,9 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
+            if self.ema is not None:
+                self.ema.save(staging / EMA_NAME)
+            # The state file is written last: a folder without it is never taken for a checkpoint.
             (staging / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
@@ -187,10 +192,16 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        try:
+            self.accelerator.load_state(str(path))
+            state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        except Exception as error:  # truncated or tampered files: say which checkpoint, not a traceback
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise UserError(f"checkpoint '{path}' cannot be loaded ({reason}); resume from another checkpoint folder") from None
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        if self.ema is not None:
+            self.ema.load(path / EMA_NAME)
         print0(self.accelerator, f"resumed from '{path}' at step {self.step}")
 
     def last_checkpoint_text(self) -> str:

@@ -49,8 +49,12 @@ def save_field(field: HyperField, folder: Path, record: dict[str, Any]) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     record = {"format": FORMAT, "format_version": 1, **record, "versions": package_versions()}
-    save_file(field_state_dict(field), str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    try:
+        save_file(field_state_dict(field), str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    except OSError as error:  # disk full, quota: leave nothing behind, under the final name or beside it
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write the field to '{folder}' ({error.strerror or error})") from None
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         os.replace(folder, old)
