@@ -128,7 +128,9 @@ class Trainer:
         train = config.train
         self.accelerator = Accelerator(
             gradient_accumulation_steps=train.gradient_accumulation,
-            mixed_precision=train.mixed_precision,
+            # train.mixed_precision only sets the frozen models' dtype: the field stays fp32 without autocast,
+            # because its steps Psi(t+1) - Psi(t) are ~1/T of its outputs and bf16 would round them away.
+            mixed_precision="no",
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.output), logging_dir=str(self.output / "logs")),
             cpu=not torch.cuda.is_available(),
@@ -239,8 +241,7 @@ class Trainer:
             generator = self._generator(micro)
             t = torch.randint(0, objective.steps - objective.rollout + 1, (images.shape[0],), generator=generator, device=generator.device)
             with acc.accumulate(self.field):
-                with acc.autocast():
-                    stats = gradient_matching_loss(self.field, self.task, self._field_inputs(images), inputs, t, objective, generator)
+                stats = gradient_matching_loss(self.field, self.task, self._field_inputs(images), inputs, t, objective, generator)
                 if not torch.isfinite(stats.loss):
                     raise NonFiniteError("non-finite matching loss")
                 acc.backward(stats.loss)
