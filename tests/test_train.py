@@ -108,3 +108,30 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0 and "train" in result.output and "tiny" in result.output
     result = runner.invoke(app, ["train", "--help"])
     assert "--resume" in result.output and "--checkpoint-every" in result.output
+
+
+@pytest.mark.parametrize("options", [
+    ["--set", "train.mixed_precision=bf16"],
+    ["--set", "train.gradient_accumulation=2", "--set", "train.ema_decay=0.5"],
+    ["--set", "objective.rollout=2", "--set", "objective.update=sign", "--set", "objective.loss=cosine_norm"],
+])
+def test_training_options_run_end_to_end(photos, tmp_path, options):
+    result = run_train(photos, tmp_path / "run", "--max-steps", "2", *options)
+    assert result.exit_code == 0, result.output
+    field, record = load_field(tmp_path / "run" / "field")
+    assert record["trained_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in field.parameters())
+
+
+def test_trained_encoder_is_saved_with_the_field(photos, tmp_path):
+    result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", "model.train_encoder=true", "--set", "train.learning_rate=0.01")
+    assert result.exit_code == 0, result.output
+    saved = field_tensors(tmp_path / "run")
+    encoder_keys = [k for k in saved if k.startswith("encoder.")]
+    assert encoder_keys
+    field, _ = load_field(tmp_path / "run" / "field")
+    from hyperfields.models import load_encoder
+
+    original, _ = load_encoder("tiny")
+    trained = dict(field.encoder.model.named_parameters())
+    assert any(not torch.equal(p, trained[name]) for name, p in original.named_parameters())
