@@ -177,9 +177,14 @@ def _tiny_complete(directory: Path) -> bool:
     return (directory / "pipeline" / "model_index.json").is_file() and (directory / "encoder" / "config.json").is_file()
 
 
+def cache_root() -> Path:
+    """Returns the folder hyperfields caches into: $HYPERFIELDS_CACHE, else ~/.cache/hyperfields."""
+    return Path(os.environ.get("HYPERFIELDS_CACHE") or Path.home() / ".cache" / "hyperfields").expanduser()
+
+
 def tiny_models_dir() -> Path:
     """Returns the cache folder holding the tiny models, writing them on first use."""
-    root = Path(os.environ.get("HYPERFIELDS_CACHE") or Path.home() / ".cache" / "hyperfields").expanduser()
+    root = cache_root()
     target = root / _TINY_VERSION
     if _tiny_complete(target):
         return target
@@ -218,6 +223,30 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}"
 
 
+def _pipeline_error(base_model: str, path: str, exc: BaseException) -> UserError:
+    local = Path(path)
+    if local.is_dir() and (local / "unet" / "config.json").is_file():
+        what = f"could not load the Stable Diffusion folder {path}"
+    elif local.is_dir():
+        what = f"{path} is not a diffusers Stable Diffusion folder (no unet/config.json)"
+    else:
+        what = "not a diffusers Stable Diffusion folder (no unet/config.json) and not reachable as a hub id"
+    return UserError(f"base model {base_model!r}: {what} ({_reason(exc)})")
+
+
+def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
+    """Returns `base_model` as the diffusers pipeline a user would load (SD or SDXL, by its model_index.json), with its own scheduler."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model_path(base_model, "pipeline")
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    except Exception as exc:
+        raise _pipeline_error(base_model, path, exc) from exc
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def load_pipeline_components(base_model: str, dtype: torch.dtype = torch.float32) -> PipelineParts:
     """Returns the frozen, eval-mode unet, vae, text encoder, tokenizer and DDPM noise scheduler of `base_model`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -231,14 +260,7 @@ def load_pipeline_components(base_model: str, dtype: torch.dtype = torch.float32
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     except Exception as exc:
-        local = Path(path)
-        if local.is_dir() and (local / "unet" / "config.json").is_file():
-            what = f"could not load the Stable Diffusion folder {path}"
-        elif local.is_dir():
-            what = f"{path} is not a diffusers Stable Diffusion folder (no unet/config.json)"
-        else:
-            what = "not a diffusers Stable Diffusion folder (no unet/config.json) and not reachable as a hub id"
-        raise UserError(f"base model {base_model!r}: {what} ({_reason(exc)})") from exc
+        raise _pipeline_error(base_model, path, exc) from exc
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Callable, TypeVar
 import typer
 
 from hyperfields.errors import TrainingError, UserError
+from hyperfields.lora import LoraFormat
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -17,6 +18,10 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override one config key, e.g. --set train.max_steps=500. Repeatable.")]
 BaseModelOption = Annotated[str | None, typer.Option("--base-model", help="diffusers Stable Diffusion folder or hub id; 'tiny' = built-in test model.")]
 EncoderOption = Annotated[str | None, typer.Option("--encoder", help="transformers vision model folder or hub id (ViT, CLIP, DINOv2); 'tiny' = built-in.")]
+FieldOption = Annotated[str, typer.Option("--field", "-f", help="Field folder (the field/ written by 'hyperfields train') or hub model id.")]
+PhotoOption = Annotated[Path, typer.Option("--image", "-i", help="The subject's photo (jpg, png, webp, bmp).")]
+StepOption = Annotated[float | None, typer.Option("--step", help="Trajectory step t in [0, T] to predict; default T, the end of the trajectory.")]
+LoraFormatOption = Annotated[LoraFormat, typer.Option("--format", help="LoRA file format: diffusers (pipe.load_lora_weights) or kohya (A1111, ComfyUI).")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

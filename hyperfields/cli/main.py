@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from hyperfields.cli.export import export_command
+from hyperfields.cli.generate import generate_command
+from hyperfields.cli.inspect import inspect_command
+from hyperfields.cli.refine import refine_command
 from hyperfields.cli.tiny import tiny_command
 from hyperfields.cli.train import train_command
 
@@ -16,6 +20,10 @@ app = typer.Typer(
 )
 app.command("train")(train_command)
 app.command("tiny")(tiny_command)
+app.command("generate")(generate_command)
+app.command("export")(export_command)
+app.command("refine")(refine_command)
+app.command("inspect")(inspect_command)
 
 
 def main() -> None:

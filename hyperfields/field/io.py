@@ -1,4 +1,4 @@
-"""Field folders: config.json (a readable record of how the field was made) + model.safetensors."""
+"""Field folders: config.json (a readable record of how the field was made) + model.safetensors (+ README.md for the hub)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -42,16 +43,22 @@ def field_state_dict(field: HyperField) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def write_field_files(field: HyperField, folder: Path) -> None:
+    """Write model.safetensors and config.json (the field's record) into an existing folder; HyperField.save_pretrained."""
+    if not field.record:
+        raise ValueError("the field has no record of how it was made; write it with save_field(field, folder, record)")
+    save_file(field_state_dict(field), str(Path(folder) / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(field.record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
 def save_field(field: HyperField, folder: Path, record: dict[str, Any]) -> Path:
-    """Write the field folder atomically: a temporary sibling renamed into place once complete."""
+    """The field folder, written atomically by save_pretrained into a temporary sibling renamed into place once complete."""
     folder = Path(folder)
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    record = {"format": FORMAT, "format_version": 1, **record, "versions": package_versions()}
+    field.record = {"format": FORMAT, "format_version": 1, **record, "versions": package_versions()}
     try:
-        save_file(field_state_dict(field), str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        field.save_pretrained(staging)
     except OSError as error:  # disk full, quota: leave nothing behind, under the final name or beside it
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"cannot write the field to '{folder}' ({error.strerror or error})") from None
@@ -63,6 +70,21 @@ def save_field(field: HyperField, folder: Path, record: dict[str, Any]) -> Path:
     else:
         os.replace(staging, folder)
     return folder
+
+
+def resolve_field_folder(name: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
+                         force_download: bool = False, local_files_only: bool = False, token: str | bool | None = None) -> Path:
+    """The local folder of field `name`: the folder itself, or the downloaded snapshot of a hub model id."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        snapshot = snapshot_download(str(name), revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                     local_files_only=local_files_only, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    except Exception as error:  # offline, unknown repo, malformed id: all mean the same thing to the user
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"field '{name}': no such folder, and not a hub model id that can be downloaded ({type(error).__name__}: {reason})") from None
+    return Path(snapshot)
 
 
 def read_record(folder: Path) -> dict[str, Any]:
@@ -94,6 +116,7 @@ def load_field(folder: Path, device: str | torch.device = "cpu") -> tuple[HyperF
     zeros = {name: torch.zeros(shape) for name, shape in layout.items()}
     ones = {name: 1.0 for name in layout}
     field = HyperField(encoder, layout, zeros, ones, steps=record["steps"], **record["field"])
+    field.record = record
     missing, unexpected = field.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("encoder.")]
     if missing or unexpected:

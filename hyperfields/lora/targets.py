@@ -7,7 +7,7 @@ tensor per key) and `hyperfields.lora.batched.BatchedLora` (which consumes them)
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -74,3 +74,30 @@ def lora_layout(model: nn.Module, targets: Sequence[str], rank: int) -> dict[str
         layout[f"{name}.lora_A"] = (rank, module.in_features)
         layout[f"{name}.lora_B"] = (module.out_features, rank)
     return layout
+
+
+def layout_mismatch(layout: Mapping[str, Sequence[int]], model: nn.Module) -> str | None:
+    """None when `model` has every target of `layout` with the same in/out features, else one line saying what differs.
+
+    `layout` is a published LoRA layout ("<t>.lora_A" -> (r, in), "<t>.lora_B" -> (out, r)).
+    """
+    modules = dict(model.named_modules())
+    targets = [name.removesuffix(".lora_A") for name in layout if name.endswith(".lora_A")]
+    missing, differing = [], []
+    for target in targets:
+        module = modules.get(target)
+        if module is None or not (isinstance(module, nn.Linear) or hasattr(module, "base_layer")):
+            missing.append(target)
+            continue
+        expected = (layout[f"{target}.lora_B"][0], layout[f"{target}.lora_A"][1])  # (out, in)
+        found = (module.out_features, module.in_features)
+        if expected != found:
+            differing.append(f"{target} is (out, in) = {found} here, {expected} in the layout")
+    if not missing and not differing:
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(targets)} LoRA targets are not linear layers of this model (e.g. {missing[0]})")
+    if differing:
+        parts.append(f"{len(differing)} of {len(targets)} have other shapes (e.g. {differing[0]})")
+    return "; ".join(parts)

@@ -1,0 +1,37 @@
+"""`hyperfields export`: LoRA files (diffusers or kohya) predicted from one photo or a folder of photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hyperfields.cli.common import FieldOption, LoraFormatOption, StepOption, reports_errors
+from hyperfields.errors import UserError
+
+
+@reports_errors
+def export_command(
+    field: FieldOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write; with --images, a folder (one file per photo).")],
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="The subject's photo.")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="A folder of photos: one LoRA file each, named like the photo.")] = None,
+    format: LoraFormatOption = "diffusers",
+    step: StepOption = None,
+) -> None:
+    """Write the LoRA the field predicts for a photo, in a format diffusers, A1111 or ComfyUI load."""
+    if (image is None) == (images is None):
+        raise UserError("give exactly one of --image PHOTO or --images DIR")
+    from hyperfields.export import export_folder, export_photo
+    from hyperfields.field.model import HyperField
+    from hyperfields.generate import default_device, resolve_step
+
+    loaded = HyperField.from_pretrained(field, device=default_device())
+    t = resolve_step(loaded.steps, step)
+    if image is not None:
+        written = [export_photo(loaded, image, out, t, format)]
+    else:
+        written = export_folder(loaded, images, out, t, format, warn=lambda message: typer.echo(message, err=True))
+    what = f"{format} LoRA '{written[0]}'" if image is not None else f"{len(written)} {format} LoRA files to '{out}'"
+    typer.echo(f"wrote {what} (t = {t:g} of T = {loaded.steps})")

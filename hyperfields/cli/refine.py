@@ -1,0 +1,39 @@
+"""`hyperfields refine`: a predicted LoRA refined by a few real optimisation steps, written as a LoRA file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hyperfields.cli.common import BaseModelOption, FieldOption, LoraFormatOption, PhotoOption, reports_errors
+
+
+@reports_errors
+def refine_command(
+    field: FieldOption,
+    image: PhotoOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors LoRA file to write.")],
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Real optimisation steps to continue from the prediction.")] = 40,
+    format: LoraFormatOption = "diffusers",
+    rank: Annotated[int | None, typer.Option("--rank", min=1, help="Refine and write at this LoRA rank (SVD of the prediction); default the field's.")] = None,
+    caption: Annotated[str | None, typer.Option("--caption", help="Caption of the photo in the task loss; default the field's training template.")] = None,
+    base_model: BaseModelOption = None,
+) -> None:
+    """Continue the per-subject optimisation from the field's prediction for a photo, and write the LoRA."""
+    from hyperfields.field.model import HyperField
+    from hyperfields.files import writable_folder
+    from hyperfields.generate import default_device, read_photo
+    from hyperfields.lora.formats import write_lora
+    from hyperfields.refine import refine
+
+    writable_folder(out.parent)
+    loaded = HyperField.from_pretrained(field, device=default_device())
+    photo = read_photo(image, loaded.record["resolution"])
+    with typer.progressbar(length=steps, label="refining") as bar:
+        result = refine(loaded, photo, steps, base_model or loaded.record["base_model"], rank=rank, caption=caption,
+                        on_step=lambda k: bar.update(1))
+    write_lora(result.lora, out, format)
+    typer.echo(f"task loss on fixed draws: predicted {result.loss_predicted:.5f} -> refined {result.loss_refined:.5f}; "
+               f"wrote {format} LoRA (rank {result.lora.rank}) to '{out}'")

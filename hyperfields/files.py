@@ -1,0 +1,50 @@
+"""Output files that are either complete or absent: written beside the target, then renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from hyperfields.errors import UserError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """`path`, after `write(temporary)` filled a temporary sibling that is then renamed over it.
+
+    On any failure the temporary file is removed and `path` keeps its old content (or stays absent);
+    an OSError becomes a UserError naming `path`.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+    except OSError as error:
+        raise UserError(f"cannot write '{path}' ({error.strerror or error})") from None
+    temporary = Path(name)
+    try:
+        write(temporary)
+        # mkstemp creates owner-only files; outputs are meant to be shared like any other file.
+        temporary.chmod(0o644)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"cannot write '{path}' ({error.strerror or error})") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def writable_folder(folder: Path) -> Path:
+    """`folder`, created if absent and checked to accept new files, so a long run does not fail only at its end."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"output folder '{folder}' cannot be written ({error.strerror or error})") from None
+    return folder

@@ -1,0 +1,69 @@
+"""Refine a predicted LoRA: continue the real per-subject optimisation from Psi(photo, T) for a few steps.
+
+The update is the field's own (its recorded rule u, step size eta and step cap), not a fresh optimiser: the field
+models exactly that trajectory, so refining N steps continues it to step T + N with no new hyperparameters to
+tune, and a stateless rule needs no warm-up from a non-zero start the way Adam's moment estimates would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hyperfields.config import LoraConfig, config_from_dict
+from hyperfields.field.model import HyperField
+from hyperfields.generate import Photo, check_base_model, predict_lora
+from hyperfields.lora.formats import LoraWeights
+from hyperfields.lora.rank import with_rank
+from hyperfields.matching import real_trajectory
+from hyperfields.models import load_pipeline_components
+from hyperfields.tasks.base import Weights
+from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+
+
+@dataclass
+class Refinement:
+    """The refined LoRA and the task loss before and after, on the same fixed evaluation draws."""
+
+    lora: LoraWeights
+    loss_predicted: float  # the field's prediction Psi(photo, T) at its own rank
+    loss_refined: float
+
+
+def _batched(lora: LoraWeights, device: torch.device) -> Weights:
+    return {name: w.unsqueeze(0).to(device) for name, w in lora.tensors.items()}
+
+
+def refine(field: HyperField, photo: Photo, steps: int, base_model: str, rank: int | None = None, caption: str | None = None,
+           eval_draws: int = 16, seed: int = 0, on_step: Callable[[int], None] | None = None) -> Refinement:
+    """Psi(photo, T) refined by `steps` real updates of the field's rule (at `rank` when given), with its losses."""
+    record = field.record
+    objective = config_from_dict(record["config"], where="the field's config.json").objective
+    device = next(field.parameters()).device
+    parts = load_pipeline_components(base_model)
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.to(device)
+    check_base_model(field, parts.unet, base_model)
+
+    predicted = predict_lora(field, photo, float(field.steps))
+    start = predicted if rank is None or rank == predicted.rank else with_rank(predicted, rank)
+    # with_rank keeps the scale, so one task (one scale) scores the prediction and the refined LoRA alike.
+    task = LoraDiffusionTask(parts, LoraConfig(targets=start.targets, rank=start.rank, alpha=start.alpha))
+    caption = caption if caption is not None else record["caption_template"].format(token=record["token"])
+    inputs = task.prepare(photo.pixels.unsqueeze(0).to(device), [caption])
+
+    def evaluation_loss(weights: Weights) -> float:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            return float(task.loss(weights, inputs, eval_draws, generator).mean())
+
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step)
+    refined = LoraWeights(
+        tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()}, alpha=start.alpha,
+        metadata={**predicted.metadata, "hyperfields.refine_steps": str(steps)},
+    )
+    return Refinement(lora=refined, loss_predicted=evaluation_loss(_batched(predicted, device)),
+                      loss_refined=evaluation_loss(_batched(refined, device)))

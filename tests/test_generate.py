@@ -1,0 +1,128 @@
+"""`hyperfields generate` and field folders: exported files reproduce generate's images; hub folders; bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from typer.testing import CliRunner
+
+from hyperfields.cli.main import app
+from hyperfields.field.model import HyperField
+from hyperfields.generate import cached_lora_file, read_photo
+from hyperfields.models import load_encoder, tiny_models_dir
+from tests.tiny_field import TinyField, tiny_field
+
+runner = CliRunner()
+PROMPT = "a photo of sks"
+SAMPLING = ["--num-inference-steps", "3", "--seed", "7", "--guidance-scale", "5"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> TinyField:
+    return tiny_field(tmp_path_factory)
+
+
+def generate(trained: TinyField, out: Path, cache: Path, *extra: str):
+    return runner.invoke(app, ["generate", "--field", str(trained.field), "--image", str(trained.photo), "--prompt", PROMPT,
+                               *SAMPLING, "--out", str(out), "--cache-dir", str(cache), *extra])
+
+
+def reference_images(lora_file: Path | None, num_images: int = 1) -> np.ndarray:
+    """What a user's own fresh tiny pipeline draws for PROMPT with SAMPLING, with `lora_file` loaded (None: base model)."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models_dir() / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file))
+    return pipe(PROMPT, num_images_per_prompt=num_images, num_inference_steps=3, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(7), output_type="np").images
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+
+
+def test_an_exported_diffusers_file_reproduces_the_generated_image(trained, tmp_path):
+    result = generate(trained, tmp_path / "images", tmp_path / "cache", "--prompt", "sks on a beach")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert names == ["contact_sheet.png", "generation.json", "prompt00_image00.png", "prompt01_image00.png"]
+    assert Image.open(tmp_path / "images" / "contact_sheet.png").size == (64, 2 * 64 + 2)  # a row per prompt, 2 px gap
+    assert json.loads((tmp_path / "images" / "generation.json").read_text())["prompts"] == [PROMPT, "sks on a beach"]
+
+    assert runner.invoke(app, ["export", "--field", str(trained.field), "--image", str(trained.photo),
+                               "--out", str(tmp_path / "lora.safetensors")]).exit_code == 0
+    generated = png(tmp_path / "images" / "prompt00_image00.png")
+    assert np.abs(reference_images(tmp_path / "lora.safetensors")[0] - generated).max() <= 1 / 255
+    assert np.abs(reference_images(None)[0] - generated).max() > 2 / 255, "the LoRA must change the image"
+
+
+def test_strength_zero_is_the_base_model(trained, tmp_path):
+    assert generate(trained, tmp_path / "base", tmp_path / "cache", "--strength", "0", "--num-images", "2").exit_code == 0
+    for i, expected in enumerate(reference_images(None, num_images=2)):
+        assert np.abs(expected - png(tmp_path / "base" / f"prompt00_image{i:02d}.png")).max() <= 1 / 255
+
+
+def test_predicted_loras_are_cached_per_field_photo_and_step(trained, tmp_path):
+    field = HyperField.from_pretrained(trained.field)
+    photo = read_photo(trained.photo, 64)
+    first = cached_lora_file(field, photo, 6.0, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cached_lora_file(field, photo, 6.0, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    other_step = cached_lora_file(field, photo, 3.0, tmp_path)
+    other_photo = cached_lora_file(field, read_photo(trained.photos / "p1.png", 64), 6.0, tmp_path)
+    with torch.no_grad():
+        next(iter(field.heads.values())).bias.add_(1.0)  # a retrained field
+    retrained = cached_lora_file(field, photo, 6.0, tmp_path)
+    assert len({first, other_step, other_photo, retrained}) == 4
+    assert sorted(tmp_path.iterdir()) == sorted([first, other_step, other_photo, retrained])
+
+
+def test_field_folders_round_trip_through_save_pretrained(trained, tmp_path):
+    field = HyperField.from_pretrained(trained.field)
+    field.save_pretrained(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "hyperfields" in (tmp_path / "copy" / "README.md").read_text()
+    copy = HyperField.from_pretrained(tmp_path / "copy")
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    first, second = field(t=6, images=images), copy(t=6, images=images)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    # The frozen encoder is not in the folder: it must come back as the pretrained model, not freshly initialised.
+    pretrained, _ = load_encoder("tiny")
+    for name, value in pretrained.state_dict().items():
+        assert torch.equal(copy.encoder.model.state_dict()[name], value), name
+
+
+def other_base_model(folder: Path) -> Path:
+    """A copy of the tiny pipeline whose UNet cross-attends to 16-wide text: every attn2.to_k/to_v has another shape."""
+    shutil.copytree(tiny_models_dir() / "pipeline", folder)
+    config = UNet2DConditionModel.load_config(folder / "unet")
+    shutil.rmtree(folder / "unet")
+    UNet2DConditionModel.from_config({**config, "cross_attention_dim": 16}).save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["another base model", "step and strength", "strength above 1", "unwritable output"])
+def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, case):
+    (tmp_path / "a-file").write_text("x")
+    extra, out, expected = {
+        "another base model": (["--base-model", str(tmp_path / "other")], tmp_path / "out", "does not fit base model"),
+        "step and strength": (["--step", "2", "--strength", "0.5"], tmp_path / "out", "not both"),
+        "strength above 1": (["--strength", "1.5"], tmp_path / "out", "outside [0, 1]"),
+        "unwritable output": ([], tmp_path / "a-file" / "out", "cannot be written"),
+    }[case]
+    if case == "another base model":
+        other_base_model(tmp_path / "other")
+    result = generate(trained, out, tmp_path / "cache", *extra)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.output
+    if case == "another base model":
+        assert "attn2.to_k" in errors[0] and "'tiny'" in errors[0]
+    assert not any(out.parent.glob("out/*.png"))
