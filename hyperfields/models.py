@@ -1,7 +1,8 @@
 """Loaded Stable Diffusion parts and image encoders, by hub id, local folder or "tiny" (seeded random test models).
 
-"tiny" lets the whole tool, its tests and CI run on a CPU with no network: the models are built from
-fixed configs and a fixed seed, written once into a cache folder and then loaded like any real checkpoint.
+"tiny" (and "tiny-xl", its Stable Diffusion XL counterpart) lets the whole tool, its tests and CI run on a CPU with
+no network: the models are built from fixed configs and a fixed seed, written once into a cache folder and then
+loaded like any real checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from packaging.version import Version
 from hyperfields.errors import UserError
 
 TINY = "tiny"
-_TINY_VERSION = "tiny-v2"  # bump when the tiny configs change, so stale caches are not reused
+TINY_XL = "tiny-xl"
+_TINY_VERSION = "tiny-v3"  # bump when the tiny configs change, so stale caches are not reused
 # transformers renamed torch_dtype to dtype in 4.56 and warns on the old name from 5.0.
 _TF_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 # Frequent English letter pairs: enough for multi-character tokens to exist, so tokenization is realistic.
@@ -31,13 +33,19 @@ _MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("e", "r"), ("o"
 
 @dataclass
 class PipelineParts:
-    """The frozen pieces of a Stable Diffusion pipeline that training needs."""
+    """The frozen pieces of a Stable Diffusion (1.x, 2.x or XL) pipeline that training needs."""
 
     unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
+    text_encoder_2: Any = None  # SDXL only: the second text encoder (with projection) and its tokenizer
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,40 @@ def _tiny_tokenizer() -> Any:
             return CLIPTokenizer(f"{scratch}/vocab.json", f"{scratch}/merges.txt", model_max_length=77)
 
 
+def _tiny_vae(seed: int, scaling_factor: float) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Three blocks, two downsampling: 64 px images give 16 x 16 latents, so a UNet step on a CPU takes
+    # milliseconds while every code path (cross-attention, VAE, scheduler) is the real one.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64), latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_text_encoder(seed: int, tokenizer: Any, with_projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        # The pooled output is read at the first eos token, so the ids must match the tokenizer's.
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(text_config) if with_projection else CLIPTextModel(text_config)
+
+
+# Stable Diffusion's own schedule settings, so noise levels look like the real ones and the
+# pipeline does not warn about a legacy scheduler config.
+_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", steps_offset=1)
+
+
 def _save_pipeline(directory: Path, seed: int) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(seed)
@@ -94,33 +133,37 @@ def _save_pipeline(directory: Path, seed: int) -> None:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8,
     )
-    torch.manual_seed(seed)
-    # Three blocks, two downsampling: 64 px images give 16 x 16 latents, so a UNet step on a CPU takes
-    # milliseconds while every code path (cross-attention, VAE, scheduler) is the real one.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64), latent_channels=4, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    )
-    torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77,
-        # The pooled output is read at the first eos token, so the ids must match the tokenizer's.
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(text_config)
-    # Stable Diffusion's own schedule settings, so noise levels look like the real ones and the
-    # pipeline does not warn about a legacy scheduler config.
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, steps_offset=1,
-    )
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=_tiny_vae(seed, 0.18215), text_encoder=_tiny_text_encoder(seed, tokenizer), tokenizer=tokenizer, unet=unet,
+        scheduler=DDPMScheduler(**_SD_SCHEDULE, clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(directory)
     _write_bpe_files(directory / "tokenizer", *_byte_vocab())
+
+
+def _save_pipeline_xl(directory: Path, seed: int) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    # SDXL's shape in small: no attention in the first block, linear proj_in/out, two transformer layers
+    # deeper down, context = both text encoders' widths concatenated (32 + 32), and the "text_time"
+    # added embedding of the pooled text (32) plus six size/crop numbers (8 features each).
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_tiny_vae(seed, 0.13025), text_encoder=_tiny_text_encoder(seed, tokenizer),
+        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**_SD_SCHEDULE, timestep_spacing="leading"),
+    )
+    pipeline.save_pretrained(directory)
+    for name in ("tokenizer", "tokenizer_2"):
+        _write_bpe_files(directory / name, *_byte_vocab())
 
 
 def _save_encoder(directory: Path, seed: int) -> None:
@@ -166,15 +209,18 @@ def _install(final: Path, build: Callable[[Path], None]) -> None:
 
 
 def write_tiny_models(directory: Path, seed: int = 0) -> None:
-    """Writes seeded random tiny models: `directory/pipeline` (Stable Diffusion) and `directory/encoder` (ViT)."""
+    """Writes seeded random tiny models: `directory/pipeline` (Stable Diffusion), `directory/pipeline-xl` (SDXL)
+    and `directory/encoder` (ViT)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _install(directory / "pipeline", lambda d: _save_pipeline(d, seed))
+    _install(directory / "pipeline-xl", lambda d: _save_pipeline_xl(d, seed))
     _install(directory / "encoder", lambda d: _save_encoder(d, seed))
 
 
 def _tiny_complete(directory: Path) -> bool:
-    return (directory / "pipeline" / "model_index.json").is_file() and (directory / "encoder" / "config.json").is_file()
+    pipelines = all((directory / name / "model_index.json").is_file() for name in ("pipeline", "pipeline-xl"))
+    return pipelines and (directory / "encoder" / "config.json").is_file()
 
 
 def cache_root() -> Path:
@@ -207,9 +253,11 @@ def tiny_models_dir() -> Path:
 
 
 def resolve_model_path(name: str, kind: Literal["pipeline", "encoder"]) -> str:
-    """Returns where to load `name` from: the tiny cache for "tiny", a local folder as is, else the hub id unchanged."""
+    """Returns where to load `name` from: the tiny cache for "tiny" / "tiny-xl", a local folder as is, else the hub id."""
     if name == TINY:
         return str(tiny_models_dir() / kind)
+    if name == TINY_XL and kind == "pipeline":
+        return str(tiny_models_dir() / "pipeline-xl")
     local = Path(name).expanduser()
     if local.is_dir():
         return str(local)
@@ -248,23 +296,35 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
 
 
 def load_pipeline_components(base_model: str, dtype: torch.dtype = torch.float32) -> PipelineParts:
-    """Returns the frozen, eval-mode unet, vae, text encoder, tokenizer and DDPM noise scheduler of `base_model`."""
+    """Returns the frozen, eval-mode unet, vae, text encoder(s), tokenizer(s) and DDPM noise scheduler of `base_model`.
+
+    An SDXL base (its UNet takes the "text_time" added embedding) also gets text_encoder_2 and tokenizer_2.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = resolve_model_path(base_model, "pipeline")
+    extra: dict[str, Any] = {}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        # SDXL's VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then; bf16 is fine.
+        if dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **{_TF_DTYPE_KW: dtype})
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        # The UNet decides, not the folder layout: it is what needs the pooled text and the size ids.
+        if unet.config.addition_embed_type == "text_time":
+            extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **{_TF_DTYPE_KW: dtype})
+            extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
     except Exception as exc:
         raise _pipeline_error(base_model, path, exc) from exc
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    return PipelineParts(unet, vae, text_encoder, tokenizer, noise_scheduler)
+    for module in (unet, vae, text_encoder, extra.get("text_encoder_2")):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return PipelineParts(unet, vae, text_encoder, tokenizer, noise_scheduler, **extra)
 
 
 def _side(size: Any) -> int | None:
@@ -303,13 +363,13 @@ def _image_norm(path: str, model: torch.nn.Module) -> ImageNorm:
     return ImageNorm(size=side, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
 
 
-def load_encoder(encoder: str) -> tuple[torch.nn.Module, ImageNorm]:
+def load_encoder(encoder: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ImageNorm]:
     """Returns the image encoder (the vision tower of a full CLIP/SigLIP model) and how to normalise its input."""
     from transformers import AutoModel
 
     path = resolve_model_path(encoder, "encoder")
     try:
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, **{_TF_DTYPE_KW: dtype})
     except Exception as exc:
         if Path(path).is_dir():
             what = f"{path} is not a transformers vision model folder (config.json with model_type, weights)"

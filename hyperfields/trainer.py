@@ -28,6 +28,7 @@ from hyperfields.field.model import HyperField
 from hyperfields.matching import NonFiniteError, gradient_matching_loss
 from hyperfields.models import load_encoder
 from hyperfields.tasks import build_task
+from hyperfields.tasks.cache import ConditionCache
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -145,7 +146,7 @@ class Trainer:
 
         # Frozen models in the compute precision, the field and its optimiser in fp32.
         self.task = build_task(config, acc.device, _DTYPES[train.mixed_precision])
-        encoder_model, norm = load_encoder(config.model.encoder)
+        encoder_model, norm = load_encoder(config.model.encoder, torch.float32 if config.model.train_encoder else _DTYPES[train.mixed_precision])
         encoder = ImageEncoder(encoder_model, norm, trainable=config.model.train_encoder)
         torch.manual_seed(train.seed)  # the same init on every process
         field = HyperField(
@@ -158,6 +159,7 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
         self.field, self.optimizer, self.schedule = acc.prepare(field, optimizer, schedule)
         self.ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
+        self.cache = ConditionCache(self._conditions, acc.device) if train.cache_latents else None
         self.step = 0
         self.skipped_nonfinite = 0
         self.reference: HeldoutReference | None = None
@@ -218,12 +220,15 @@ class Trainer:
         seed = self.config.train.seed * 1_000_003 + self.step * 7919 + self.accelerator.process_index * 104_729 + purpose
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
-    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
-        picks = torch.randint(0, len(self.dataset), (self.config.train.batch_size,), generator=torch.Generator().manual_seed(
-            self.config.train.seed * 1_000_003 + self.step * 7919 + self.accelerator.process_index * 104_729 + 31 * micro))
-        items = [self.dataset[int(i)] for i in picks]
+    def _picks(self, micro: int) -> list[int]:
+        return torch.randint(0, len(self.dataset), (self.config.train.batch_size,), generator=torch.Generator().manual_seed(
+            self.config.train.seed * 1_000_003 + self.step * 7919 + self.accelerator.process_index * 104_729 + 31 * micro)).tolist()
+
+    def _conditions(self, picks: list[int]) -> tuple[dict[str, torch.Tensor], Any]:
+        """The field's inputs and the task's prepared inputs for these training images."""
+        items = [self.dataset[i] for i in picks]
         images = torch.stack([item["pixel_values"] for item in items]).to(self.accelerator.device)
-        return images, [item["caption"] for item in items]
+        return self._field_inputs(images), self.task.prepare(images, [item["caption"] for item in items])
 
     def _field_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.config.model.train_encoder:
@@ -236,12 +241,12 @@ class Trainer:
         acc, objective = self.accelerator, self.config.objective
         logs: dict[str, float] = {"loss": 0.0, "task_loss": 0.0, "step_norm": 0.0}
         for micro in range(self.config.train.gradient_accumulation):
-            images, captions = self._batch(micro)
-            inputs = self.task.prepare(images, captions)
+            picks = self._picks(micro)
+            field_inputs, inputs = self.cache.get(picks) if self.cache is not None else self._conditions(picks)
             generator = self._generator(micro)
-            t = torch.randint(0, objective.steps - objective.rollout + 1, (images.shape[0],), generator=generator, device=generator.device)
+            t = torch.randint(0, objective.steps - objective.rollout + 1, (len(picks),), generator=generator, device=generator.device)
             with acc.accumulate(self.field):
-                stats = gradient_matching_loss(self.field, self.task, self._field_inputs(images), inputs, t, objective, generator)
+                stats = gradient_matching_loss(self.field, self.task, field_inputs, inputs, t, objective, generator)
                 if not torch.isfinite(stats.loss):
                     raise NonFiniteError("non-finite matching loss")
                 acc.backward(stats.loss)

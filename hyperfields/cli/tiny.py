@@ -13,10 +13,10 @@ from hyperfields.errors import UserError
 
 @reports_errors
 def tiny_command(
-    directory: Annotated[Path, typer.Argument(help="Folder to write: DIR/pipeline (diffusers) and DIR/encoder (transformers ViT).")],
+    directory: Annotated[Path, typer.Argument(help="Folder to write: DIR/pipeline (diffusers SD), DIR/pipeline-xl (SDXL) and DIR/encoder (transformers ViT).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights; the same seed writes identical files.")] = 0,
 ) -> None:
-    """Write tiny random Stable Diffusion and ViT models, for tests and trying the tool without downloads."""
+    """Write tiny random Stable Diffusion, SDXL and ViT models, for tests and trying the tool without downloads."""
     from hyperfields.models import write_tiny_models
 
     try:
@@ -24,4 +24,4 @@ def tiny_command(
     except OSError as error:
         raise UserError(f"cannot create '{directory}' ({error.strerror or error})") from None
     write_tiny_models(directory, seed=seed)
-    typer.echo(f"wrote {directory / 'pipeline'} and {directory / 'encoder'}")
+    typer.echo(f"wrote {directory / 'pipeline'}, {directory / 'pipeline-xl'} and {directory / 'encoder'}")

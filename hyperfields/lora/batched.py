@@ -7,9 +7,12 @@ back to whatever produced them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from hyperfields.errors import UserError
@@ -86,6 +89,7 @@ class BatchedLora:
     def __init__(self, model: nn.Module, layers: dict[str, BatchedLoraLinear]) -> None:
         self.model = model
         self.layers = layers
+        self._inside: dict[int, list[BatchedLoraLinear]] = {}  # id(checkpointed block) -> its LoRA layers
 
     @classmethod
     def attach(cls, model: nn.Module, targets: Sequence[str], scale: float) -> BatchedLora:
@@ -150,6 +154,24 @@ class BatchedLora:
         for layer in self.layers.values():
             layer.lora_A = layer.lora_B = None
 
+    def checkpoint(self, block: Callable[..., Any], *args: Any) -> Any:
+        """Gives block(*args) under activation checkpointing, its backward recomputation seeing the weights set now.
+
+        A diffusers `gradient_checkpointing_func`. The weights are plain attributes, cleared once the model's
+        forward returns, but backward recomputes each checkpointed block later: the recomputation puts the same
+        tensors back for its duration, so it saves what the forward saved and gradients reach the weights.
+        """
+        if isinstance(block, nn.Module):
+            if id(block) not in self._inside:
+                self._inside[id(block)] = [m for m in block.modules() if isinstance(m, BatchedLoraLinear)]
+            layers = self._inside[id(block)]
+        else:
+            layers = list(self.layers.values())
+        weights = [(layer.lora_A, layer.lora_B) for layer in layers]
+        return torch.utils.checkpoint.checkpoint(
+            block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _weights_set(layers, weights)),
+        )
+
     def detach(self) -> None:
         """Put the original nn.Linear modules (and their requires_grad flags) back into the model."""
         for name, layer in self.layers.items():
@@ -158,9 +180,22 @@ class BatchedLora:
             for p, flag in zip(layer.base_layer.parameters(), layer._base_requires_grad):
                 p.requires_grad_(flag)
         self.layers = {}
+        self._inside = {}
 
     def __enter__(self) -> BatchedLora:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+@contextmanager
+def _weights_set(layers: list[BatchedLoraLinear], weights: list[tuple[Tensor | None, Tensor | None]]) -> Iterator[None]:
+    before = [(layer.lora_A, layer.lora_B) for layer in layers]
+    for layer, (a, b) in zip(layers, weights):
+        layer.lora_A, layer.lora_B = a, b
+    try:
+        yield
+    finally:
+        for layer, (a, b) in zip(layers, before):
+            layer.lora_A, layer.lora_B = a, b

@@ -7,6 +7,7 @@ header (without it the loader assumes alpha = r); kohya files store it per modul
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
@@ -14,6 +15,7 @@ from typing import get_args
 import torch
 from safetensors.torch import save_file
 
+from hyperfields.errors import UserError
 from hyperfields.files import atomic_write
 from hyperfields.lora import LoraFormat
 
@@ -69,6 +71,44 @@ def diffusers_state_dict(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], di
 def kohya_name(target: str) -> str:
     """kohya's name of a diffusers UNet module: sd-scripts trains SD 1.x/2.x on the diffusers UNet, dots become _."""
     return KOHYA_PREFIX + target.replace(".", "_")
+
+
+# sd-scripts trains SDXL on the original Stability (SGM) UNet, so SDXL kohya files name its modules, not diffusers'.
+_SGM_EMBEDDINGS = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_SGM_RESNET = {"time_emb_proj": "emb_layers.1", "conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_DIFFUSERS_BLOCK = re.compile(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(attentions|resnets)\.(\d+)\.(.+)")
+
+
+def sgm_unet_name(target: str, layers_per_block: int = 2) -> str:
+    """The SGM UNet's name of a diffusers SDXL UNet module ("down_blocks.1.attentions.0.x" -> "input_blocks.4.1.x").
+
+    Down block i, layer j is input block (L+1)i + j + 1 (input block 0 is conv_in, each down block ends with its
+    downsampler); up block i, layer j is output block (L+1)i + j; in each, part 0 is the resnet and part 1 the
+    attention; the middle block is resnet, attention, resnet. L = layers_per_block (2 for SDXL).
+    """
+    if target in _SGM_EMBEDDINGS:
+        return _SGM_EMBEDDINGS[target]
+    match = _DIFFUSERS_BLOCK.fullmatch(target)
+    if match is None:
+        raise UserError(f"LoRA target {target!r} has no SDXL kohya name: only attention, resnet and embedding layers map")
+    kind, block, inner, layer, rest = match.groups()
+    if inner == "resnets":
+        head, dot, tail = rest.partition(".")
+        if head not in _SGM_RESNET:
+            raise UserError(f"LoRA target {target!r} has no SDXL kohya name: resnet layer {head!r} is not one of {', '.join(_SGM_RESNET)}")
+        rest = _SGM_RESNET[head] + dot + tail
+    part = 0 if inner == "resnets" else 1
+    if kind == "down_blocks":
+        return f"input_blocks.{(layers_per_block + 1) * int(block) + int(layer) + 1}.{part}.{rest}"
+    if kind == "up_blocks":
+        return f"output_blocks.{(layers_per_block + 1) * int(block) + int(layer)}.{part}.{rest}"
+    return f"middle_block.{2 * int(layer) if inner == 'resnets' else 1}.{rest}"
+
+
+def kohya_name_sdxl(target: str, layers_per_block: int = 2) -> str:
+    """kohya's name of a diffusers SDXL UNet module: lora_unet_ + its SGM name, dots become _."""
+    return KOHYA_PREFIX + sgm_unet_name(target, layers_per_block).replace(".", "_")
 
 
 def kohya_state_dict(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
