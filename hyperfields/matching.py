@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,19 +18,52 @@ class NonFiniteError(RuntimeError):
     """A loss, gradient or field output held NaN or Inf."""
 
 
-def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))  # (N, 1, ...)
+# Per-tensor maths runs on stacks of the tensors that share a shape: a UNet LoRA has hundreds to a thousand
+# tensors in a handful of shapes, and a few ops per shape instead of per tensor keeps the step's op count
+# (kernel launches on a GPU) independent of the number of LoRA layers.
+
+
+def _shape_groups(weights: Weights) -> list[list[str]]:
+    """The names of `weights` grouped by per-sample shape, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, w in weights.items():
+        groups.setdefault(tuple(w.shape[1:]), []).append(name)
+    return list(groups.values())
+
+
+def _stack(weights: Weights, groups: list[list[str]]) -> list[torch.Tensor]:
+    return [torch.stack([weights[name] for name in names], dim=1) for names in groups]  # each (N, n, *shape)
+
+
+def _unstack(stacks: list[torch.Tensor], groups: list[list[str]], order: Iterable[str]) -> Weights:
+    """The tensors of the stacks by name, in `order`."""
+    found = {name: w for names, stack in zip(groups, stacks) for name, w in zip(names, stack.unbind(1))}
+    return {name: found[name] for name in order}
+
+
+def _norms(stack: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-tensor norms of a stack (N, n, *shape), shaped (N, n, 1, ...) to broadcast against it."""
+    return stack.reshape(*stack.shape[:2], -1).norm(dim=2).view(*stack.shape[:2], *([1] * (stack.ndim - 2)))
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())  # one device sync, not one per tensor
+
+
+def _direction(stack: torch.Tensor, rule: str) -> torch.Tensor:
+    if rule == "sgd":
+        return stack
+    if rule == "sign":
+        return stack.sign()
+    if rule == "normalized":
+        return stack / (_norms(stack) + EPS)
+    raise ValueError(f"unknown update rule {rule!r}")
 
 
 def update_direction(grads: Weights, rule: str) -> Weights:
     """u(g) per tensor and sample: the gradient (sgd), its sign, or the gradient of unit norm."""
-    if rule == "sgd":
-        return grads
-    if rule == "sign":
-        return {name: g.sign() for name, g in grads.items()}
-    if rule == "normalized":
-        return {name: g / (_per_sample_norm(g) + EPS) for name, g in grads.items()}
-    raise ValueError(f"unknown update rule {rule!r}")
+    groups = _shape_groups(grads)
+    return _unstack([_direction(g, rule) for g in _stack(grads, groups)], groups, grads)
 
 
 def task_gradients(task: Task, weights: Weights, inputs: Any, draws: int, generator: torch.Generator) -> tuple[Weights, torch.Tensor]:
@@ -49,14 +83,18 @@ def real_trajectory(
     """The weights after each of `steps` real updates from `start` (theta_{k+1} = theta_k - eta * u(grad)),
     and the per-sample task loss (N,) at `start`."""
     theta = {name: w.detach() for name, w in start.items()}
+    groups = _shape_groups(theta)
     trajectory, start_losses = [], None
     for k in range(steps):
         grads, losses = task_gradients(task, theta, inputs, objective.noise_draws, generator)
-        if not torch.isfinite(losses).all() or not all(torch.isfinite(g).all() for g in grads.values()):
+        stacked = _stack(grads, groups)
+        if not _all_finite([losses, *stacked]):
             raise NonFiniteError("non-finite task loss or gradient in a real update")
         start_losses = losses if start_losses is None else start_losses
-        step = update_direction(grads, objective.update)
-        theta = {name: theta[name] - objective.step_size * _cap(step[name], objective.max_step_norm / objective.step_size) for name in theta}
+        max_norm = objective.max_step_norm / objective.step_size
+        updated = [w - objective.step_size * _cap(_direction(g, objective.update), max_norm)
+                   for w, g in zip(_stack(theta, groups), stacked)]
+        theta = _unstack(updated, groups, start)
         trajectory.append(theta)
         if on_step is not None:
             on_step(k)
@@ -67,27 +105,30 @@ def _cap(step: torch.Tensor, max_norm: float) -> torch.Tensor:
     # Positive feedback guard: larger weights give larger gradients; bound each tensor's step.
     if max_norm <= 0:
         return step
-    return step * (max_norm / (_per_sample_norm(step) + EPS)).clamp(max=1.0)
+    return step * (max_norm / (_norms(step) + EPS)).clamp(max=1.0)
 
 
 def step_loss(predicted_step: Weights, real_step: Weights, kind: str) -> torch.Tensor:
     """Mean over tensors and samples of the predicted step's error against the real step, per-tensor normalised."""
-    pairs = [(predicted_step[name].flatten(1), real_step[name].flatten(1)) for name in real_step]
+    groups = _shape_groups(real_step)
+    return _stacked_step_loss(_stack(predicted_step, groups), _stack(real_step, groups), kind)
+
+
+def _stacked_step_loss(predicted: list[torch.Tensor], real: list[torch.Tensor], kind: str) -> torch.Tensor:
+    pairs = [(p.reshape(*p.shape[:2], -1), r.reshape(*r.shape[:2], -1)) for p, r in zip(predicted, real)]  # (N, n, numel)
+    r_sq = torch.cat([r.pow(2).sum(dim=2) for _, r in pairs], dim=1)  # (N, tensors)
     # A tensor can have a zero real step (LoRA A while B = 0): floor its normaliser at 1% of the mean step.
-    floor = 0.01 * torch.stack([r.pow(2).sum(dim=1).mean() for _, r in pairs]).mean() + EPS
-    losses = []
-    for p, r in pairs:
-        r_sq = r.pow(2).sum(dim=1)
-        if kind == "relative_mse":
-            # Normalising by the real step's size keeps tiny per-step targets from shrinking predictions to zero.
-            losses.append((p - r).pow(2).sum(dim=1) / torch.maximum(r_sq, floor))
-        elif kind == "cosine_norm":
-            cosine = torch.nn.functional.cosine_similarity(p, r, dim=1, eps=1e-8)
-            ratio = 0.5 * torch.log((p.pow(2).sum(dim=1) + floor) / (r_sq + floor))
-            losses.append(1 - cosine + ratio.pow(2))
-        else:
-            raise ValueError(f"unknown step loss {kind!r}")
-    return torch.stack(losses).mean()
+    floor = 0.01 * r_sq.mean() + EPS
+    if kind == "relative_mse":
+        # Normalising by the real step's size keeps tiny per-step targets from shrinking predictions to zero.
+        error = torch.cat([(p - r).pow(2).sum(dim=2) for p, r in pairs], dim=1)
+        return (error / torch.maximum(r_sq, floor)).mean()
+    if kind == "cosine_norm":
+        cosine = torch.cat([torch.nn.functional.cosine_similarity(p, r, dim=2, eps=1e-8) for p, r in pairs], dim=1)
+        p_sq = torch.cat([p.pow(2).sum(dim=2) for p, _ in pairs], dim=1)
+        ratio = 0.5 * torch.log((p_sq + floor) / (r_sq + floor))
+        return (1 - cosine + ratio.pow(2)).mean()
+    raise ValueError(f"unknown step loss {kind!r}")
 
 
 @dataclass
@@ -106,22 +147,21 @@ def gradient_matching_loss(
     # One field call for t, t+1 ... t+K: rows ordered (sample, k).
     all_t = (t.unsqueeze(1) + torch.arange(rollout + 1, device=t.device)).reshape(-1)
     repeated = {key: value.repeat_interleave(rollout + 1, dim=0) for key, value in field_inputs.items()}
-    psi = {name: w.view(n, rollout + 1, *w.shape[1:]) for name, w in field(t=all_t, **repeated).items()}
-    theta_hat = {name: w[:, 0].detach() for name, w in psi.items()}
-    if not all(torch.isfinite(w).all() for w in theta_hat.values()):
+    psi = field(t=all_t, **repeated)
+    groups = _shape_groups(psi)
+    stacks = [s.view(n, rollout + 1, *s.shape[1:]) for s in _stack(psi, groups)]  # each (N, K+1, n, *shape)
+    theta_hat = [s[:, 0].detach() for s in stacks]
+    if not _all_finite(theta_hat):
         raise NonFiniteError("non-finite field output")
-    targets, task_losses = real_trajectory(task, theta_hat, inputs, objective, generator, rollout)
+    targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout)
+    real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
     # The predicted step keeps the gradient through both ends: the field learns the difference
     # Psi(t+k) - Psi(t) directly instead of chasing a start point that moves with every update.
     loss = torch.stack([
-        step_loss(
-            {name: w[:, k + 1] - w[:, 0] for name, w in psi.items()},
-            {name: targets[k][name] - theta_hat[name] for name in theta_hat},
-            objective.loss,
-        )
+        _stacked_step_loss([s[:, k + 1] - s[:, 0] for s in stacks], real_steps[k], objective.loss)
         for k in range(rollout)
     ]).mean()
-    step_norm = torch.stack([(targets[0][name] - theta_hat[name]).flatten(1).norm(dim=1).mean() for name in theta_hat]).mean()
+    step_norm = torch.cat([_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()
     return MatchingStats(loss=loss, task_loss=float(task_losses.mean()), step_norm=float(step_norm))
 
 

@@ -125,8 +125,8 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
             stds.update({self.names[i]: float(scale[j]) for j, i in enumerate(indices)})
         return stds
 
-    def delta(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Delta(c, t) by name, each (N, *shape)."""
+    def _delta_by_shape(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Delta(c, t) of each group of same-shape tensors, by shape key: (N, n_key, *shape)."""
         phase = t.float() / self.steps  # bounded phase t/T, never raw t
         cond = self.phase_embed(phase) + self.pool_proj(image_tokens.mean(dim=1))  # (N, D)
         x = self.tokens.unsqueeze(0).expand(image_tokens.shape[0], -1, -1)  # (N, W, D)
@@ -136,9 +136,20 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         out = {}
         for key, indices in self.groups.items():
             generated = self.heads[key](x[:, indices]) * getattr(self, f"scale_{key}")  # (N, n_key, numel)
-            for j, i in enumerate(indices):
-                out[self.names[i]] = generated[:, j].reshape(-1, *self.shapes[self.names[i]])
+            out[key] = generated.view(*generated.shape[:2], *self.shapes[self.names[indices[0]]])
         return out
+
+    def _by_name(self, by_shape: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # unbind, not one index per tensor: its backward is one stack, where per-tensor selects would each
+        # write a zero-filled copy of their whole group (quadratic in the group size).
+        out = {}
+        for key, indices in self.groups.items():
+            out.update({self.names[i]: tensor for i, tensor in zip(indices, by_shape[key].unbind(1))})
+        return {name: out[name] for name in self.names}
+
+    def delta(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Delta(c, t) by name, each (N, *shape)."""
+        return self._by_name(self._delta_by_shape(image_tokens, t))
 
     def forward(
         self,
@@ -154,13 +165,14 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         image_tokens = self.image_proj(encoder_tokens)
         n = image_tokens.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=image_tokens.device).reshape(-1).expand(n)
-        delta = self.delta(image_tokens, t)
         theta0 = self.theta0()
-        out = {}
-        for name in self.names:
-            phase = (t / self.steps).view(n, *([1] * len(self.shapes[name])))
-            out[name] = theta0[name] + phase * delta[name]
-        return out
+        psi = {}
+        # Per shape group, not per tensor: a few ops whatever the number of LoRA layers.
+        for key, delta in self._delta_by_shape(image_tokens, t).items():
+            start = torch.stack([theta0[self.names[i]] for i in self.groups[key]])  # (n_key, *shape)
+            phase = (t / self.steps).view(n, *([1] * (delta.ndim - 1)))
+            psi[key] = start + phase * delta
+        return self._by_name(psi)
 
     # ------------------------------------------------------------------------------------------- hub folders
     # field/io.py builds HyperFields, so it is imported where used rather than at the top.
