@@ -1,18 +1,33 @@
-"""Time one gradient-matching step against one plain DreamBooth-LoRA step (peft) on the same UNet and batch.
+"""Time one gradient-matching step against one plain LoRA training step (peft) on the same UNet, batch and precision.
 
-Prints a table and writes JSON: gm_step_s, lora_step_s, ratio, samples_per_s, peak_mem_gb, predict_ms.
-Usage: python scripts/bench_speed.py --preset tiny [--device cpu|cuda] [--batch 4] [--iters 10] --json out.json
+Presets:
+  tiny   the built-in tiny pipeline (configs/tiny.yaml); latents and text embeddings from its VAE and text encoder
+  sd15   the SD 1.5 UNet and a DINOv2-base encoder built from their public configs with random weights, 512 px
+  sdxl   the SDXL base UNet likewise, 1024 px; pooled text and size ids as added conditions
+For sd15/sdxl the field, LoRA and training settings come from configs/<preset>.yaml (--set overrides them) and
+random latents and text embeddings stand in for the VAE and text encoders: both steps run on cached inputs, as
+`train.cache_latents` makes training do, so the frozen image encoder is not in the step either (its cost per image
+is reported as encoder_ms). Both steps see one noise draw per sample (--draws changes the field's), the same
+gradient checkpointing setting and the optimiser step; the two are timed alternately and the medians compared.
+
+--quick: a reduced size for CPUs (sd15 at 128 px, sdxl at 256 px, batch 1, 3 timed steps, one CPU thread); under 2
+minutes for sd15.
+JSON keys: gm_step_s, lora_step_s, ratio, samples_per_s, peak_mem_gb, predict_ms, plus the settings they were taken with.
+Usage: python scripts/bench_speed.py --preset sd15 --quick --device cpu --json speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import itertools
 import json
 import os
 import resource
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,14 +35,18 @@ import torch  # noqa: E402
 from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import inject_adapter_in_model  # noqa: E402
 
-from hyperfields.config import LoraConfig, ObjectiveConfig  # noqa: E402
+from hyperfields.architectures import UNETS, build_dinov2_base, build_unet  # noqa: E402
+from hyperfields.config import Config, load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402
 from hyperfields.matching import gradient_matching_loss  # noqa: E402
-from hyperfields.models import load_encoder, load_pipeline_components  # noqa: E402
-from hyperfields.tasks.lora_diffusion import LoraDiffusionTask  # noqa: E402
+from hyperfields.models import PipelineParts, load_encoder, load_pipeline_components  # noqa: E402
+from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask  # noqa: E402
 
-PRESETS = {"tiny": {"base_model": "tiny", "encoder": "tiny", "resolution": 64}}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("tiny", "sd15", "sdxl")
+QUICK_RESOLUTION = {"tiny": 64, "sd15": 128, "sdxl": 256}
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def synchronize(device: torch.device) -> None:
@@ -35,71 +54,140 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step, iters: int, device: torch.device) -> float:
-    """Median seconds of `step()` over `iters` runs after two warm-up runs."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory since the last reset, or this process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def build_real(preset: str, config: Config, batch: int, resolution: int, dtype: torch.dtype, device: torch.device):
+    """The real-size UNet as PipelineParts, a DINOv2-base encoder, and random cached inputs of the right shapes."""
+    from diffusers import DDPMScheduler
+
+    unet = build_unet(preset, dtype=dtype, device=device)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    parts = PipelineParts(unet=unet, vae=None, text_encoder=None, tokenizer=None, noise_scheduler=scheduler)
+    encoder_model, norm = build_dinov2_base(dtype)
+    _, text = UNETS[preset]
+    g = torch.Generator().manual_seed(0)
+    inputs = DiffusionInputs(
+        latents=torch.randn(batch, 4, resolution // 8, resolution // 8, generator=g).to(device),
+        text_embeddings=torch.randn(batch, text.length, text.width, generator=g).to(device, dtype),
+    )
+    if text.pooled is not None:
+        inputs.pooled_text_embeddings = torch.randn(batch, text.pooled, generator=g).to(device, dtype)
+        inputs.time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device).float().expand(batch, 6)
+    return parts, (encoder_model, norm), inputs
+
+
+def build_tiny(config: Config, batch: int, resolution: int, dtype: torch.dtype, device: torch.device):
+    parts = load_pipeline_components(config.model.base_model, dtype)
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        if module is not None:
+            module.to(device)
+    images = torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    return parts, load_encoder(config.model.encoder, dtype), images
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="reduced resolution and batch, 3 timed steps")
+    parser.add_argument("--batch", type=int, help="conditions per step (default: the preset's train.batch_size; 1 with --quick)")
+    parser.add_argument("--resolution", type=int, help="pixels (default: the preset's model.resolution)")
+    parser.add_argument("--precision", choices=sorted(_DTYPES), help="frozen models' precision (default: the preset's on a GPU, 'no' = fp32 on a CPU)")
+    parser.add_argument("--draws", type=int, default=1, help="noise draws per task gradient in the matching step")
+    parser.add_argument("--iters", type=int, help="timed steps of each kind (default 10; 3 with --quick)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: 1 with --quick on a CPU, else torch's default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. train.gradient_checkpointing=false")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    preset, device = PRESETS[args.preset], torch.device(args.device)
+    device = torch.device(args.device)
+    config = load_config(CONFIGS / f"{args.preset}.yaml", args.overrides)
+    batch = args.batch or (1 if args.quick else config.train.batch_size)
+    resolution = args.resolution or (QUICK_RESOLUTION[args.preset] if args.quick else config.model.resolution)
+    precision = args.precision or (config.train.mixed_precision if device.type == "cuda" else "no")
+    iters = args.iters or (3 if args.quick else 10)
+    # One thread for the quick CPU run: on a shared machine, other processes stall multi-threaded small ops at
+    # OpenMP barriers, which inflates the field's many small ops far more than the UNet's large ones.
+    threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = _DTYPES[precision]
+    checkpointing = config.train.gradient_checkpointing
     torch.manual_seed(0)
 
-    parts = load_pipeline_components(preset["base_model"])
-    plain_unet = copy.deepcopy(parts.unet).to(device)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        module.to(device)
-    lora = LoraConfig(rank=args.rank, alpha=args.rank)
-    task = LoraDiffusionTask(parts, lora)
-    encoder_model, norm = load_encoder(preset["encoder"])
-    field = HyperField(ImageEncoder(encoder_model, norm), task.layout(), task.initial_weights(), task.init_std(),
-                       steps=50, width=128, depth=2, heads=4, output_gain=0.1).to(device)
-    field_optimizer = torch.optim.AdamW([p for p in field.parameters() if p.requires_grad], lr=1e-4)
-    objective = ObjectiveConfig(steps=50, step_size=0.05, update="normalized", rollout=1, noise_draws=1)
+    started = time.perf_counter()
+    if args.preset == "tiny":
+        parts, (encoder_model, norm), images = build_tiny(config, batch, resolution, dtype, device)
+    else:
+        parts, (encoder_model, norm), inputs = build_real(args.preset, config, batch, resolution, dtype, device)
+        images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    unet = parts.unet
+    # The plain-LoRA UNet: a second module tree over the same weight tensors, so both fit in memory once.
+    shared = {id(t): t for t in itertools.chain(unet.parameters(), unet.buffers())}
+    plain_unet = copy.deepcopy(unet, memo=shared)
 
-    images = torch.rand(args.batch, 3, preset["resolution"], preset["resolution"], device=device) * 2 - 1
-    captions = ["a photo of sks"] * args.batch
+    task = LoraDiffusionTask(parts, config.lora, gradient_checkpointing=checkpointing)
+    if args.preset == "tiny":
+        inputs = task.prepare(images, ["a photo of sks"] * batch)
+    field = HyperField(
+        ImageEncoder(encoder_model, norm), task.layout(), task.initial_weights(), task.init_std(), steps=config.objective.steps,
+        width=config.field.width, depth=config.field.depth, heads=config.field.heads, mlp_ratio=config.field.mlp_ratio,
+        output_gain=config.field.output_gain,
+    ).to(device)
+    field_parameters = [p for p in field.parameters() if p.requires_grad]
+    field_optimizer = torch.optim.AdamW(field_parameters, lr=config.train.learning_rate)
+    objective = dataclasses.replace(config.objective, noise_draws=args.draws)
+    with torch.no_grad():
+        tokens = field.encoder(images)  # cached once, as train.cache_latents does
     generator = torch.Generator(device=device).manual_seed(0)
 
     def gm_step() -> None:
-        inputs = task.prepare(images, captions)
-        with torch.no_grad():
-            tokens = field.encoder(images)
-        t = torch.randint(0, objective.steps, (args.batch,), generator=generator, device=device)
+        t = torch.randint(0, objective.steps - objective.rollout + 1, (batch,), generator=generator, device=device)
         stats = gradient_matching_loss(field, task, {"encoder_tokens": tokens}, inputs, t, objective, generator)
         stats.loss.backward()
+        torch.nn.utils.clip_grad_norm_(field_parameters, config.train.max_grad_norm)
         field_optimizer.step()
         field_optimizer.zero_grad(set_to_none=True)
 
-    # The reference: one shared LoRA trained with peft on the same UNet, batch and noise draws.
-    inject_adapter_in_model(PeftLoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(lora.targets)), plain_unet)
+    # The reference: one shared LoRA on the same layers, trained with peft as diffusers' LoRA scripts do
+    # (fp32 LoRA weights under autocast when the frozen UNet is in half precision).
+    lora = config.lora
+    inject_adapter_in_model(PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=task.targets), plain_unet)
     lora_parameters = [p for n, p in plain_unet.named_parameters() if "lora_" in n]
-    lora_optimizer = torch.optim.AdamW(lora_parameters, lr=1e-4)
+    for p in lora_parameters:
+        p.data = p.data.float()
+    if checkpointing:
+        plain_unet.enable_gradient_checkpointing()
+    lora_optimizer = torch.optim.AdamW(lora_parameters, lr=config.train.learning_rate)
     scheduler = parts.noise_scheduler
+    added = None
+    if inputs.pooled_text_embeddings is not None:
+        added = {"text_embeds": inputs.pooled_text_embeddings.to(dtype), "time_ids": inputs.time_ids.to(dtype)}
 
     def lora_step() -> None:
-        inputs = task.prepare(images, captions)
         noise = torch.randn(inputs.latents.shape, generator=generator, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=generator, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
         noisy = scheduler.add_noise(inputs.latents, noise, timesteps)
-        prediction = plain_unet(noisy, timesteps, inputs.text_embeddings).sample
-        torch.nn.functional.mse_loss(prediction, noise).backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            prediction = plain_unet(noisy.to(dtype), timesteps, inputs.text_embeddings.to(dtype), added_cond_kwargs=added).sample
+        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
+        torch.nn.utils.clip_grad_norm_(lora_parameters, config.train.max_grad_norm)
         lora_optimizer.step()
         lora_optimizer.zero_grad(set_to_none=True)
 
@@ -107,22 +195,36 @@ def main() -> None:
         with torch.no_grad():
             field(t=objective.steps, images=images[:1])
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    lora_s = timed(lora_step, args.iters, device)
-    gm_s = timed(gm_step, args.iters, device)
-    predict_s = timed(predict, args.iters, device)
-    if device.type == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated() / 2**30
-    else:  # max resident set size of this process (kilobytes on Linux)
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    figures = {
-        "preset": args.preset, "device": str(device), "batch": args.batch, "rank": args.rank,
-        "gm_step_s": gm_s, "lora_step_s": lora_s, "ratio": gm_s / lora_s, "samples_per_s": args.batch / gm_s,
-        "peak_mem_gb": peak_gb, "predict_ms": predict_s * 1000, "torch_threads": torch.get_num_threads(),
+    def encode() -> None:
+        with torch.no_grad():
+            field.encoder(images[:1])
+
+    build_s = time.perf_counter() - started
+    peaks = {}
+    for name, step in (("lora", lora_step), ("gm", gm_step)):  # warm-up, and each step's own peak memory
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(1 if args.quick else 2):
+            step()
+        peaks[name] = peak_memory_gb(device)
+    times: dict[str, list[float]] = {"lora": [], "gm": []}
+    for _ in range(iters):  # alternated, so a busy machine slows both alike
+        times["lora"].append(timed(lora_step, device))
+        times["gm"].append(timed(gm_step, device))
+    predict()
+    predict_s = median([timed(predict, device) for _ in range(iters)])
+    encoder_s = median([timed(encode, device) for _ in range(iters)])
+    gm_s, lora_s = median(times["gm"]), median(times["lora"])
+    figures: dict[str, Any] = {
+        "preset": args.preset, "quick": args.quick, "device": str(device), "precision": precision, "batch": batch,
+        "resolution": resolution, "gradient_checkpointing": checkpointing, "noise_draws": objective.noise_draws,
+        "lora_targets": len(task.targets), "rank": lora.rank, "field_params_m": sum(p.numel() for p in field_parameters) / 1e6,
+        "gm_step_s": gm_s, "lora_step_s": lora_s, "ratio": gm_s / lora_s, "samples_per_s": batch / gm_s,
+        "peak_mem_gb": peaks["gm"], "lora_peak_mem_gb": peaks["lora"], "predict_ms": predict_s * 1000,
+        "encoder_ms": encoder_s * 1000, "iters": iters, "torch_threads": torch.get_num_threads(), "build_s": build_s,
     }
     for key, value in figures.items():
-        print(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
+        print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
