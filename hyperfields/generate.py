@@ -97,7 +97,8 @@ def predict_lora(field: HyperField, photo: Photo, t: float) -> LoraWeights:
     device = next(field.parameters()).device
     weights = field(t=t, images=photo.pixels.unsqueeze(0).to(device))
     tensors = {name: w[0].float().cpu() for name, w in weights.items()}
-    return LoraWeights(tensors=tensors, alpha=float(field.record["alpha"]), metadata=lora_metadata(field.record, t, photo))
+    return LoraWeights(tensors=tensors, alpha=float(field.record["alpha"]), metadata=lora_metadata(field.record, t, photo),
+                       sdxl_layers_per_block=field.record.get("sdxl_layers_per_block"))
 
 
 def field_fingerprint(field: HyperField) -> str:

@@ -47,6 +47,13 @@ class PipelineParts:
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
 
+    def to(self, device: torch.device | str) -> PipelineParts:
+        """Move every model to `device`; returns self."""
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device)
+        return self
+
 
 @dataclass(frozen=True)
 class ImageNorm:

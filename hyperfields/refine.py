@@ -43,8 +43,7 @@ def refine(field: HyperField, photo: Photo, steps: int, base_model: str, rank: i
     objective = config_from_dict(record["config"], where="the field's config.json").objective
     device = next(field.parameters()).device
     parts = load_pipeline_components(base_model)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        module.to(device)
+    parts.to(device)
     check_base_model(field, parts.unet, base_model)
 
     predicted = predict_lora(field, photo, float(field.steps))
@@ -64,6 +63,7 @@ def refine(field: HyperField, photo: Photo, steps: int, base_model: str, rank: i
     refined = LoraWeights(
         tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()}, alpha=start.alpha,
         metadata={**predicted.metadata, "hyperfields.refine_steps": str(steps)},
+        sdxl_layers_per_block=start.sdxl_layers_per_block,
     )
     return Refinement(lora=refined, loss_predicted=evaluation_loss(_batched(predicted, device)),
                       loss_refined=evaluation_loss(_batched(refined, device)))

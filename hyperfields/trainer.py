@@ -288,10 +288,8 @@ class Trainer:
             report = evaluate_field(self.task, field, images, self.reference, self.config.objective.steps)
             field.train()
             recovered = report.recovered
-            print0(acc, f"step {self.step}: held-out loss theta_0 {report.loss_theta0:.4f}, real theta_T {report.loss_real:.4f}, "
-                        f"field Psi(c,T) {report.loss_field:.4f} -> recovered fraction R = {recovered:.3f}")
-            acc.log({"heldout/R": recovered, "heldout/loss_field": report.loss_field,
-                     "heldout/loss_real": report.loss_real, "heldout/loss_theta0": report.loss_theta0}, step=self.step)
+            print0(acc, f"step {self.step}: {report.summary()}")
+            acc.log(report.metrics(), step=self.step)
         acc.wait_for_everyone()
         return recovered
 
@@ -300,7 +298,8 @@ class Trainer:
         return {
             "base_model": config.model.base_model, "encoder": config.model.encoder, "train_encoder": config.model.train_encoder,
             "layout": {name: list(shape) for name, shape in self.task.layout().items()},
-            "task": config.model.task, "targets": getattr(self.task, "targets", None), "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
+            "task": config.model.task, "targets": getattr(self.task, "targets", None),
+            "sdxl_layers_per_block": self.task.sdxl_layers_per_block() if hasattr(self.task, "sdxl_layers_per_block") else None, "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
             "steps": config.objective.steps, "step_size": config.objective.step_size, "update": config.objective.update,
             "resolution": config.model.resolution, "caption_template": config.data.caption_template, "token": config.data.token,
             "field": {"width": config.field.width, "depth": config.field.depth, "heads": config.field.heads,

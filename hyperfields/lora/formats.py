@@ -33,6 +33,7 @@ class LoraWeights:
     tensors: dict[str, torch.Tensor]  # "<module>.lora_A" (r, in) and "<module>.lora_B" (out, r), no batch dimension
     alpha: float
     metadata: dict[str, str] = field(default_factory=dict)  # written into the file header as is
+    sdxl_layers_per_block: int | None = None  # set for an SDXL UNet: kohya files then use the SGM names
 
     @property
     def targets(self) -> list[str]:
@@ -115,7 +116,7 @@ def kohya_state_dict(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[s
     """The tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`."""
     tensors = {}
     for target in lora.targets:
-        name = kohya_name(target)
+        name = kohya_name(target) if lora.sdxl_layers_per_block is None else kohya_name_sdxl(target, lora.sdxl_layers_per_block)
         tensors[f"{name}.lora_down.weight"] = _cpu(lora.tensors[f"{target}.lora_A"])
         tensors[f"{name}.lora_up.weight"] = _cpu(lora.tensors[f"{target}.lora_B"])
         tensors[f"{name}.alpha"] = torch.tensor(float(lora.alpha))

@@ -24,4 +24,5 @@ def with_rank(lora: LoraWeights, rank: int) -> LoraWeights:
         u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)  # (out, k), (k,), (k, in) with k = min(out, in)
         tensors[f"{target}.lora_A"] = vh[:rank].contiguous()
         tensors[f"{target}.lora_B"] = (u[:, :rank] * s[:rank]).contiguous()
-    return LoraWeights(tensors=tensors, alpha=lora.scale * rank, metadata=dict(lora.metadata))
+    return LoraWeights(tensors=tensors, alpha=lora.scale * rank, metadata=dict(lora.metadata),
+                       sdxl_layers_per_block=lora.sdxl_layers_per_block)

@@ -48,6 +48,10 @@ class LoraDiffusionTask:
     def device(self) -> torch.device:
         return next(self.parts.unet.parameters()).device
 
+    def sdxl_layers_per_block(self) -> int | None:
+        """For an SDXL UNet, its layers per block (kohya files name SDXL modules by the SGM layout); else None."""
+        return int(self.parts.unet.config.layers_per_block) if self.parts.is_sdxl else None
+
     def layout(self) -> dict[str, tuple[int, ...]]:
         return dict(self._layout)
 
