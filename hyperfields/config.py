@@ -16,7 +16,8 @@ from hyperfields.errors import UserError
 
 @dataclass
 class ModelConfig:
-    task: Literal["lora"] = "lora"  # what the field predicts: "lora" = a LoRA of a Stable Diffusion UNet
+    # What the field predicts: "lora" = a LoRA of a Stable Diffusion UNet; "inr" = a coordinate MLP fitting the image.
+    task: Literal["lora", "inr"] = "lora"
     base_model: str = "tiny"  # diffusers SD folder or hub id; "tiny" = built-in test models
     encoder: str = "tiny"  # transformers vision model folder or hub id (ViT, CLIP-vision, DINOv2)
     train_encoder: bool = False  # fine-tune the image encoder together with the field
@@ -29,6 +30,16 @@ class LoraConfig:
     rank: int = 4  # LoRA rank r
     alpha: float = 4.0  # LoRA scale is alpha / rank
     init_seed: int = 0  # seed of the fixed non-zero A_0 (theta_0); B_0 = 0
+
+
+@dataclass
+class InrConfig:
+    hidden: int = 32  # width of the coordinate MLP's hidden layers
+    layers: int = 2  # hidden layers
+    frequencies: int = 16  # Fourier features: sin and cos of this many seeded random projections of (x, y)
+    frequency_scale: float = 2.0  # std of those projections, in cycles across the image
+    pixels: int = 0  # pixels sampled per draw of the training loss; 0 = every pixel (draws are then identical)
+    init_seed: int = 0  # seed of theta_0 and of the Fourier projections
 
 
 @dataclass
@@ -50,6 +61,7 @@ class ObjectiveConfig:
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
     loss: Literal["relative_mse", "cosine_norm"] = "relative_mse"  # step loss, normalised per tensor
     max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
+    precomputed: str = ""  # kind=supervised: folder written by `hyperfields precompute` (theta_T per training image)
 
 
 @dataclass
@@ -86,6 +98,7 @@ class DataConfig:
 class Config:
     model: ModelConfig = dc_field(default_factory=ModelConfig)
     lora: LoraConfig = dc_field(default_factory=LoraConfig)
+    inr: InrConfig = dc_field(default_factory=InrConfig)
     field: FieldConfig = dc_field(default_factory=FieldConfig)
     objective: ObjectiveConfig = dc_field(default_factory=ObjectiveConfig)
     train: TrainConfig = dc_field(default_factory=TrainConfig)
@@ -96,7 +109,8 @@ class Config:
 
 
 _POSITIVE = {
-    "model.resolution", "lora.rank", "lora.alpha", "field.width", "field.depth", "field.heads",
+    "model.resolution", "lora.rank", "lora.alpha", "inr.hidden", "inr.layers", "inr.frequencies",
+    "inr.frequency_scale", "field.width", "field.depth", "field.heads",
     "field.mlp_ratio", "objective.steps", "objective.step_size", "objective.rollout",
     "objective.noise_draws", "train.max_steps", "train.batch_size", "train.learning_rate",
     "train.gradient_accumulation", "train.eval_draws", "train.log_every",
@@ -172,7 +186,7 @@ def _validate(config: Config) -> None:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
                 "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm"):
+                "objective.max_step_norm", "inr.pixels"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")

@@ -1,4 +1,5 @@
-"""Held-out quality: the recovered fraction R of the loss drop that real optimisation achieves (DESIGN.md 6)."""
+"""Held-out quality (DESIGN.md 6): the recovered fraction R of the loss drop that real optimisation achieves,
+and PSNR for image-fitting tasks."""
 
 from __future__ import annotations
 
@@ -9,18 +10,34 @@ import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.matching import real_trajectory
-from hyperfields.tasks.base import Task, Weights
+from hyperfields.tasks.base import ImageFittingTask, Task, Weights
+
+
+def psnr_db(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of colours in [-1, 1] (peak-to-peak 2) from their mean squared error."""
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def heldout_losses(task: Task, weights: Weights, inputs: Any, draws: int, seed: int) -> torch.Tensor:
+    """Per-sample loss (N,) on fixed, seeded evaluation draws; every pixel, no draws, for image-fitting tasks."""
+    with torch.no_grad():
+        if isinstance(task, ImageFittingTask):
+            return task.reconstruction_error(weights, inputs)
+        device = next(iter(weights.values())).device
+        return task.loss(weights, inputs, draws, torch.Generator(device=device).manual_seed(seed))
 
 
 @dataclass
 class HeldoutReference:
-    """Real optimisation on held-out conditions, computed once: its losses do not change as the field trains."""
+    """Real optimisation on held-out conditions, computed once: its scores do not change as the field trains."""
 
     inputs: Any
     loss_theta0: float  # mean task loss of theta_0 on the fixed evaluation draws
     loss_real: float  # ... of real optimisation after T steps
     draws: int
     seed: int
+    psnr_theta0: float | None = None  # mean per-image PSNR in dB (image-fitting tasks only)
+    psnr_real: float | None = None
 
 
 @dataclass
@@ -28,6 +45,9 @@ class HeldoutReport:
     loss_theta0: float
     loss_real: float
     loss_field: float
+    psnr_theta0: float | None = None
+    psnr_real: float | None = None
+    psnr_field: float | None = None
 
     @property
     def recovered(self) -> float:
@@ -35,12 +55,23 @@ class HeldoutReport:
         gain = self.loss_theta0 - self.loss_real
         return (self.loss_theta0 - self.loss_field) / gain if gain > 0 else float("nan")
 
+    def summary(self) -> str:
+        """One line: theta_0, real theta_T and the field at T, in PSNR where the task has it, and R."""
+        if self.psnr_field is not None:
+            return (f"held-out PSNR theta_0 {self.psnr_theta0:.2f} dB, real theta_T {self.psnr_real:.2f} dB, "
+                    f"field Psi(c,T) {self.psnr_field:.2f} dB (recovered fraction R = {self.recovered:.3f})")
+        return (f"held-out loss theta_0 {self.loss_theta0:.4f}, real theta_T {self.loss_real:.4f}, "
+                f"field Psi(c,T) {self.loss_field:.4f} -> recovered fraction R = {self.recovered:.3f}")
 
-def _eval_loss(task: Task, weights: Weights, reference: HeldoutReference) -> float:
-    device = next(iter(weights.values())).device
-    generator = torch.Generator(device=device).manual_seed(reference.seed)
-    with torch.no_grad():
-        return float(task.loss(weights, reference.inputs, reference.draws, generator).mean())
+    def metrics(self) -> dict[str, float]:
+        """The report as tracker scalars under heldout/."""
+        values = {"R": self.recovered, "loss_field": self.loss_field, "loss_real": self.loss_real, "loss_theta0": self.loss_theta0,
+                  "psnr_field": self.psnr_field, "psnr_real": self.psnr_real, "psnr_theta0": self.psnr_theta0}
+        return {f"heldout/{key}": value for key, value in values.items() if value is not None}
+
+
+def _mean_psnr(task: Task, losses: torch.Tensor) -> float | None:
+    return float(psnr_db(losses).mean()) if isinstance(task, ImageFittingTask) else None
 
 
 def heldout_reference(
@@ -53,14 +84,16 @@ def heldout_reference(
     theta0 = {name: w.to(images.device).unsqueeze(0).expand(n, *w.shape) for name, w in task.initial_weights().items()}
     generator = torch.Generator(device=images.device).manual_seed(seed + 1)
     trajectory, _ = real_trajectory(task, theta0, inputs, objective, generator, objective.steps, on_step)
-    reference = HeldoutReference(inputs=inputs, loss_theta0=0.0, loss_real=0.0, draws=draws, seed=seed)
-    reference.loss_theta0 = _eval_loss(task, theta0, reference)
-    reference.loss_real = _eval_loss(task, trajectory[-1], reference)
-    return reference
+    at_theta0 = heldout_losses(task, theta0, inputs, draws, seed)
+    at_real = heldout_losses(task, trajectory[-1], inputs, draws, seed)
+    return HeldoutReference(inputs=inputs, loss_theta0=float(at_theta0.mean()), loss_real=float(at_real.mean()), draws=draws,
+                            seed=seed, psnr_theta0=_mean_psnr(task, at_theta0), psnr_real=_mean_psnr(task, at_real))
 
 
 def evaluate_field(task: Task, field: Callable[..., Weights], images: torch.Tensor, reference: HeldoutReference, steps: int) -> HeldoutReport:
     """Score the field's prediction Psi(c, T) on the held-out conditions against theta_0 and real optimisation."""
     with torch.no_grad():
         predicted = field(t=torch.full((images.shape[0],), float(steps), device=images.device), images=images)
-    return HeldoutReport(reference.loss_theta0, reference.loss_real, _eval_loss(task, predicted, reference))
+    at_field = heldout_losses(task, predicted, reference.inputs, reference.draws, reference.seed)
+    return HeldoutReport(reference.loss_theta0, reference.loss_real, float(at_field.mean()),
+                         reference.psnr_theta0, reference.psnr_real, _mean_psnr(task, at_field))

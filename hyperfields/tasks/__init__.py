@@ -15,8 +15,10 @@ def build_task(config: Config, device: torch.device, weight_dtype: torch.dtype) 
         from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 
         parts = load_pipeline_components(config.model.base_model, weight_dtype)
-        for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
-            if module is not None:
-                module.to(device)
+        parts.to(device)
         return LoraDiffusionTask(parts, config.lora, config.train.gradient_checkpointing)
+    if config.model.task == "inr":
+        from hyperfields.tasks.inr import InrTask
+
+        return InrTask(config.inr, config.model.resolution, device)
     raise ValueError(f"unknown task {config.model.task!r}")

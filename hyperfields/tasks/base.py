@@ -27,3 +27,11 @@ class Task(Protocol):
 
     def loss(self, weights: Weights, inputs: Any, draws: int, generator: torch.Generator) -> torch.Tensor:
         """Per-sample task loss (N,), averaged over `draws` random draws taken from `generator`."""
+
+
+@runtime_checkable
+class ImageFittingTask(Task, Protocol):
+    """A task whose loss is a reconstruction of the condition image: quality is reported as PSNR."""
+
+    def reconstruction_error(self, weights: Weights, inputs: Any) -> torch.Tensor:
+        """Per-sample MSE (N,) over every pixel, colours in [-1, 1]: deterministic, no draws."""
