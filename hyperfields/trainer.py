@@ -25,8 +25,9 @@ from hyperfields.evaluation import HeldoutReference, evaluate_field, heldout_ref
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import save_field
 from hyperfields.field.model import HyperField
-from hyperfields.matching import NonFiniteError, gradient_matching_loss
+from hyperfields.matching import NonFiniteError, gradient_matching_loss, supervised_loss
 from hyperfields.models import load_encoder
+from hyperfields.precompute import load_precomputed
 from hyperfields.tasks import build_task
 from hyperfields.tasks.cache import ConditionCache
 
@@ -160,6 +161,14 @@ class Trainer:
         self.field, self.optimizer, self.schedule = acc.prepare(field, optimizer, schedule)
         self.ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
         self.cache = ConditionCache(self._conditions, acc.device) if train.cache_latents else None
+        # Two-phase baseline: theta_T of every training image, row i for self.dataset[i].
+        self.theta_T = None
+        if config.objective.kind == "supervised":
+            if not config.objective.precomputed:
+                raise UserError("config key 'objective.precomputed': objective.kind=supervised needs the folder written by "
+                                "'hyperfields precompute', e.g. --set objective.precomputed=runs/precomputed")
+            self.theta_T = load_precomputed(Path(config.objective.precomputed), self.task, self.train_records, Path(data_dir),
+                                            config.objective.steps)
         self.step = 0
         self.skipped_nonfinite = 0
         self.reference: HeldoutReference | None = None
@@ -239,17 +248,23 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser update (gradient_accumulation micro-batches); raises NonFiniteError on NaN/Inf."""
         acc, objective = self.accelerator, self.config.objective
-        logs: dict[str, float] = {"loss": 0.0, "task_loss": 0.0, "step_norm": 0.0}
+        logs: dict[str, float] = {"loss": 0.0}
         for micro in range(self.config.train.gradient_accumulation):
             picks = self._picks(micro)
             field_inputs, inputs = self.cache.get(picks) if self.cache is not None else self._conditions(picks)
             generator = self._generator(micro)
             t = torch.randint(0, objective.steps - objective.rollout + 1, (len(picks),), generator=generator, device=generator.device)
             with acc.accumulate(self.field):
-                stats = gradient_matching_loss(self.field, self.task, field_inputs, inputs, t, objective, generator)
-                if not torch.isfinite(stats.loss):
-                    raise NonFiniteError("non-finite matching loss")
-                acc.backward(stats.loss)
+                if self.theta_T is not None:
+                    theta_T = {name: w[picks].to(acc.device) for name, w in self.theta_T.items()}
+                    loss = supervised_loss(self.field, field_inputs, theta_T, objective.steps, acc.unwrap_model(self.field).theta0())
+                    values = {}
+                else:
+                    stats = gradient_matching_loss(self.field, self.task, field_inputs, inputs, t, objective, generator)
+                    loss, values = stats.loss, {"task_loss": stats.task_loss, "step_norm": stats.step_norm}
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"non-finite {objective.kind} loss")
+                acc.backward(loss)
                 if acc.sync_gradients:
                     grads = [p.grad for p in self.field.parameters() if p.grad is not None]
                     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -262,9 +277,9 @@ class Trainer:
                 self.schedule.step()
                 self.optimizer.zero_grad(set_to_none=True)
             scale = 1 / self.config.train.gradient_accumulation
-            logs["loss"] += float(stats.loss.detach()) * scale
-            logs["task_loss"] += stats.task_loss * scale
-            logs["step_norm"] += stats.step_norm * scale
+            logs["loss"] += float(loss.detach()) * scale
+            for key, value in values.items():
+                logs[key] = logs.get(key, 0.0) + value * scale
         if self.ema is not None:
             self.ema.update()
         logs["lr"] = self.schedule.get_last_lr()[0]

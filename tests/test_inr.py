@@ -87,3 +87,22 @@ def test_heldout_reference_reports_psnr():
     reference = heldout_reference(task, images, [""] * 3, objective, draws=1, seed=0)
     assert reference.psnr_real > reference.psnr_theta0 + 3
     assert abs(reference.psnr_theta0 - float(psnr_db(torch.tensor(reference.loss_theta0)))) < 3  # mean of PSNRs vs PSNR of mean
+
+
+def test_train_command_fits_crops_with_the_inr_config(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from hyperfields.cli.main import app
+    from hyperfields.field.io import load_field
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / f"crop{i}.png")
+    result = CliRunner().invoke(app, ["train", "--config", "configs/inr.yaml", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
+                                      "--max-steps", "3", "--set", "train.heldout=1", "--set", "objective.steps=10"])
+    assert result.exit_code == 0, result.output
+    assert "held-out PSNR" in result.output
+    field, record = load_field(tmp_path / "run" / "field")
+    assert record["task"] == "inr" and set(record["layout"]) == set(InrTask(InrConfig(), 16).layout())

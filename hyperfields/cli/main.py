@@ -7,6 +7,7 @@ import typer
 from hyperfields.cli.export import export_command
 from hyperfields.cli.generate import generate_command
 from hyperfields.cli.inspect import inspect_command
+from hyperfields.cli.precompute import precompute_command
 from hyperfields.cli.refine import refine_command
 from hyperfields.cli.tiny import tiny_command
 from hyperfields.cli.train import train_command
@@ -24,6 +25,7 @@ app.command("generate")(generate_command)
 app.command("export")(export_command)
 app.command("refine")(refine_command)
 app.command("inspect")(inspect_command)
+app.command("precompute")(precompute_command)
 
 
 def main() -> None:

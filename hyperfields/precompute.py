@@ -1,0 +1,136 @@
+"""The two-phase baseline's first phase: real per-subject optimisation theta_T of every training image, on disk.
+
+A precomputed folder holds `theta_T.safetensors` (each adapter tensor stacked over images, (M, *shape), plus
+theta_0 under `theta_0/<name>`) and `index.json` (image path relative to the data folder -> row, and how the
+weights were made). `objective.kind=supervised` regresses Psi(c, T) on these rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hyperfields.config import Config
+from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder, split_heldout
+from hyperfields.errors import UserError
+from hyperfields.matching import real_trajectory
+from hyperfields.tasks import build_task
+from hyperfields.tasks.base import Task, Weights
+
+FORMAT = "hyperfields-precomputed"
+INDEX_NAME = "index.json"
+WEIGHTS_NAME = "theta_T.safetensors"
+THETA0_PREFIX = "theta_0/"
+
+
+def _relative(path: Path, data_dir: Path) -> str:
+    return Path(path).resolve().relative_to(Path(data_dir).resolve()).as_posix()
+
+
+def optimise_images(
+    task: Task, dataset: ImageCaptionDataset, config: Config, batch_size: int, device: torch.device,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Weights:
+    """theta_T by name, (M, *shape) on the CPU: T real updates from theta_0 for every image, `batch_size` at a time."""
+    objective = config.objective
+    theta0 = task.initial_weights()
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in theta0}
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([item["pixel_values"] for item in items]).to(device)
+        inputs = task.prepare(images, [item["caption"] for item in items])
+        batch_theta0 = {name: w.to(device).expand(len(items), *w.shape) for name, w in theta0.items()}
+        # Seeded by the batch's first row: the same folder and config give the same weights.
+        generator = torch.Generator(device=device).manual_seed(config.train.seed * 1_000_003 + start)
+        trajectory, _ = real_trajectory(task, batch_theta0, inputs, objective, generator, objective.steps)
+        for name in rows:
+            rows[name].append(trajectory[-1][name].detach().cpu())
+        if on_batch is not None:
+            on_batch(start + len(items), len(dataset))
+    return {name: torch.cat(chunks) for name, chunks in rows.items()}
+
+
+def write_precomputed(output: Path, theta_T: Weights, theta0: Weights, images: Sequence[str], record: dict[str, Any]) -> Path:
+    """Write the folder atomically: a temporary sibling renamed into place once complete."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    tensors = {name: w.contiguous() for name, w in theta_T.items()}
+    tensors.update({THETA0_PREFIX + name: w.detach().float().cpu().contiguous() for name, w in theta0.items()})
+    index = {"format": FORMAT, "format_version": 1, **record, "images": {path: row for row, path in enumerate(images)}}
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
+        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write precomputed weights to '{output}' ({error.strerror or error})") from None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+    return output
+
+
+def precompute(config: Config, data_dir: Path, output: Path, batch_size: int = 16,
+               on_batch: Callable[[int, int], None] | None = None, warn: Callable[[str], None] | None = None) -> Path:
+    """Optimise every training image of `data_dir` (the same held-out split as `train`) and write the folder."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = scan_image_folder(Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn)
+    records, _ = split_heldout(report.records, config.train.heldout, config.train.seed)
+    task = build_task(config, device, torch.float32)
+    theta_T = optimise_images(task, ImageCaptionDataset(records, config.model.resolution), config, batch_size, device, on_batch)
+    objective = config.objective
+    record = {
+        "task": config.model.task, "steps": objective.steps, "step_size": objective.step_size, "update": objective.update,
+        "noise_draws": objective.noise_draws, "layout": {name: list(shape) for name, shape in task.layout().items()},
+        "config": config.to_dict(),
+    }
+    return write_precomputed(output, theta_T, task.initial_weights(), [_relative(r.path, data_dir) for r in records], record)
+
+
+def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], data_dir: Path, steps: int) -> Weights:
+    """theta_T by name, (len(records), *shape) in the order of `records`, checked against the task and T."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+    except FileNotFoundError as error:
+        raise UserError(f"objective.precomputed '{folder}': no {Path(error.filename).name} "
+                        "(is it a folder written by 'hyperfields precompute'?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
+        raise UserError(f"objective.precomputed '{folder}': unreadable ({str(error).splitlines()[0][:200]})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise UserError(f"objective.precomputed '{folder}': {INDEX_NAME} is not a hyperfields precomputed index")
+    layout = task.layout()
+    if index.get("layout") != {name: list(shape) for name, shape in layout.items()}:
+        raise UserError(f"objective.precomputed '{folder}': its weights have another layout than this config's "
+                        f"{index.get('task')!r} task; run 'hyperfields precompute' with the same config")
+    if index.get("steps") != steps:
+        raise UserError(f"objective.precomputed '{folder}': made with T={index.get('steps')} steps, "
+                        f"but objective.steps={steps}; the field's T must match")
+    for name, w in task.initial_weights().items():
+        if not torch.equal(tensors[THETA0_PREFIX + name], w.float().cpu()):
+            raise UserError(f"objective.precomputed '{folder}': its theta_0 differs from this config's ('{name}'); "
+                            "the init seed or model changed since it was written")
+    rows = []
+    for record in records:
+        key = _relative(record.path, data_dir)
+        if key not in index["images"]:
+            raise UserError(f"objective.precomputed '{folder}': no weights for training image '{key}'; "
+                            "run 'hyperfields precompute' on this data folder with the same train.heldout and train.seed")
+        rows.append(int(index["images"][key]))
+    picks = torch.tensor(rows, dtype=torch.long)
+    return {name: tensors[name][picks] for name in layout}
