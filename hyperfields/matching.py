@@ -142,7 +142,7 @@ def gradient_matching_loss(
     field: Callable[..., Weights], task: Task, field_inputs: dict[str, torch.Tensor], inputs: Any,
     t: torch.Tensor, objective: ObjectiveConfig, generator: torch.Generator,
 ) -> MatchingStats:
-    """K-step gradient matching: Psi(c, t+k) - Psi(c, t) against k real updates from stopgrad Psi(c, t)."""
+    """K-step gradient matching: Psi(c, t+k) against k real updates from theta_hat = stopgrad Psi(c, t)."""
     n, rollout = t.shape[0], objective.rollout
     # One field call for t, t+1 ... t+K: rows ordered (sample, k).
     all_t = (t.unsqueeze(1) + torch.arange(rollout + 1, device=t.device)).reshape(-1)
@@ -155,10 +155,12 @@ def gradient_matching_loss(
         raise NonFiniteError("non-finite field output")
     targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout)
     real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
-    # The predicted step keeps the gradient through both ends: the field learns the difference
-    # Psi(t+k) - Psi(t) directly instead of chasing a start point that moves with every update.
+    # "position" (DESIGN 1): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
+    # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
+    # gradient through both ends and fits Psi(t+k) - Psi(t) as a whole.
+    start = [s[:, 0].detach() if objective.match == "position" else s[:, 0] for s in stacks]
     loss = torch.stack([
-        _stacked_step_loss([s[:, k + 1] - s[:, 0] for s in stacks], real_steps[k], objective.loss)
+        _stacked_step_loss([s[:, k + 1] - s0 for s, s0 in zip(stacks, start)], real_steps[k], objective.loss)
         for k in range(rollout)
     ]).mean()
     step_norm = torch.cat([_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()

@@ -36,8 +36,11 @@ def train_on_quadratic(task: QuadraticTask, images: torch.Tensor, objective: Obj
     return field
 
 
-def test_matching_reproduces_the_closed_form_trajectory(quadratic_task):
-    objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd", rollout=1, noise_draws=1)
+# "position" bootstraps forward from theta_0, one step per update, so on this toy it is exact at T
+# but still converging at small t after the same number of iterations.
+@pytest.mark.parametrize("match, along_t, at_T", [("difference", 0.05, 0.05), ("position", 0.2, 0.02)])
+def test_matching_reproduces_the_closed_form_trajectory(quadratic_task, match, along_t, at_T):
+    objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd", rollout=1, noise_draws=1, match=match)
     images = colour_images(4, seed=1)
     field = train_on_quadratic(quadratic_task, images, objective, iterations=1500)
     inputs = quadratic_task.prepare(images, [""] * 4)
@@ -50,7 +53,8 @@ def test_matching_reproduces_the_closed_form_trajectory(quadratic_task):
             error = torch.cat([(predicted[n] - exact[n]).flatten(1) for n in exact], 1).norm(dim=1)
             size = torch.cat([exact[n].flatten(1) for n in exact], 1).norm(dim=1)
             worst = max(worst, (error / size).max().item())
-    assert worst < 0.05, f"worst relative error along t: {worst:.3f}"
+    assert worst < along_t, f"worst relative error along t: {worst:.3f}"
+    assert (error / size).max().item() < at_T, f"relative error at T: {(error / size).max().item():.3f}"
 
 
 def test_update_rules():
