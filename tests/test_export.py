@@ -69,7 +69,11 @@ def test_files_carry_provenance_and_kohya_alpha(trained, tmp_path):
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as file:
         header = file.metadata()
         alphas = {float(file.get_tensor(k)) for k in file.keys() if k.endswith(".alpha")}
-        assert all(k.startswith("lora_unet_") for k in file.keys())
+        keys = set(file.keys())
+    # The names sd-scripts writes for SD 1.x: the diffusers UNet module path with dots as underscores.
+    kohya = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    assert {f"{kohya}.lora_down.weight", f"{kohya}.lora_up.weight", f"{kohya}.alpha"} <= keys
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
     assert alphas == {8.0}
     assert header["hyperfields.photo_sha256"] == hashlib.sha256(trained.photo.read_bytes()).hexdigest()
     assert header["hyperfields.step"] == "3" and header["hyperfields.base_model"] == "tiny" and header["hyperfields.version"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,8 +30,8 @@ def trained(tmp_path_factory) -> TinyField:
     return tiny_field(tmp_path_factory)
 
 
-def generate(trained: TinyField, out: Path, cache: Path, *extra: str):
-    return runner.invoke(app, ["generate", "--field", str(trained.field), "--image", str(trained.photo), "--prompt", PROMPT,
+def generate(trained: TinyField, out: Path, cache: Path, *extra: str, photo: Path | None = None):
+    return runner.invoke(app, ["generate", "--field", str(trained.field), "--image", str(photo or trained.photo), "--prompt", PROMPT,
                                *SAMPLING, "--out", str(out), "--cache-dir", str(cache), *extra])
 
 
@@ -99,6 +100,29 @@ def test_field_folders_round_trip_through_save_pretrained(trained, tmp_path):
         assert torch.equal(copy.encoder.model.state_dict()[name], value), name
 
 
+def test_a_field_pushed_to_the_hub_loads_back_by_its_hub_id(trained, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    commit = "0" * 40
+    snapshot = tmp_path / "hub" / "models--me--tiny-field" / "snapshots" / commit
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        # What the hub would then serve for repo_id: the uploaded folder as a snapshot in the local hub cache.
+        shutil.copytree(folder_path, snapshot)
+        (snapshot.parents[1] / "refs").mkdir()
+        (snapshot.parents[1] / "refs" / "main").write_text(commit)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    field = HyperField.from_pretrained(trained.field)
+    field.push_to_hub("me/tiny-field")
+    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    copy = HyperField.from_pretrained("me/tiny-field", cache_dir=tmp_path / "hub", local_files_only=True)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    first, second = field(t=6, images=images), copy(t=6, images=images)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
 def other_base_model(folder: Path) -> Path:
     """A copy of the tiny pipeline whose UNet cross-attends to 16-wide text: every attn2.to_k/to_v has another shape."""
     shutil.copytree(tiny_models_dir() / "pipeline", folder)
@@ -108,21 +132,28 @@ def other_base_model(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", ["another base model", "step and strength", "strength above 1", "unwritable output"])
+@pytest.mark.parametrize("case", ["another base model", "step and strength", "strength above 1", "step above T",
+                                  "unreadable photo", "unwritable output"])
 def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, case):
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-a-photo.png").write_text("hello")
     extra, out, expected = {
         "another base model": (["--base-model", str(tmp_path / "other")], tmp_path / "out", "does not fit base model"),
         "step and strength": (["--step", "2", "--strength", "0.5"], tmp_path / "out", "not both"),
         "strength above 1": (["--strength", "1.5"], tmp_path / "out", "outside [0, 1]"),
+        "step above T": (["--step", "7"], tmp_path / "out", "outside [0, 6]"),
+        "unreadable photo": ([], tmp_path / "out", "cannot be read as an image"),
         "unwritable output": ([], tmp_path / "a-file" / "out", "cannot be written"),
     }[case]
     if case == "another base model":
         other_base_model(tmp_path / "other")
-    result = generate(trained, out, tmp_path / "cache", *extra)
+    photo = tmp_path / "not-a-photo.png" if case == "unreadable photo" else None
+    result = generate(trained, out, tmp_path / "cache", *extra, photo=photo)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.output
     if case == "another base model":
         assert "attn2.to_k" in errors[0] and "'tiny'" in errors[0]
-    assert not any(out.parent.glob("out/*.png"))
+        assert not any(out.glob("*.png"))
+    else:  # caught before the output folder is made
+        assert not (tmp_path / "out").exists()

@@ -83,9 +83,20 @@ def test_inspect_reports_every_target_with_zero_update_at_t0(trained):
         assert 0.5 < report.std_a / report.hyperfan_a < 2 and 0.5 < report.std_b / report.hyperfan_b < 2, report.target
 
 
-def test_refine_with_a_missing_base_model_is_one_line_and_writes_nothing(trained, tmp_path):
-    result = runner.invoke(app, ["refine", "--field", str(trained.field), "--image", str(trained.photo), "--base-model",
-                                 str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")])
+@pytest.mark.parametrize("case", ["missing base model", "unreadable photo", "out is a folder"])
+def test_refine_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, case):
+    (tmp_path / "not-a-photo.png").write_text("hello")
+    (tmp_path / "folder").mkdir()
+    photo, out, extra, expected = {
+        "missing base model": (trained.photo, tmp_path / "new" / "x.safetensors", ["--base-model", str(tmp_path / "missing")],
+                               "error: base model"),
+        "unreadable photo": (tmp_path / "not-a-photo.png", tmp_path / "new" / "x.safetensors", [], "error: photo"),
+        "out is a folder": (trained.photo, tmp_path / "folder", [], "error: --out"),
+    }[case]
+    result = runner.invoke(app, ["refine", "--field", str(trained.field), "--image", str(photo), *extra, "--out", str(out)])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert [line for line in result.output.splitlines() if line.startswith("error:")][0].startswith("error: base model")
-    assert not (tmp_path / "x.safetensors").exists()
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.output
+    assert not any((tmp_path / "new").glob("*")) and not any((tmp_path / "folder").iterdir())
+    if case != "missing base model":  # caught before the output folder is made
+        assert not (tmp_path / "new").exists()

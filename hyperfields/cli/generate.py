@@ -32,10 +32,10 @@ def generate_command(
     from hyperfields.files import writable_folder
     from hyperfields.generate import Sampling, default_device, generate, lora_cache_dir, read_photo, resolve_step, write_images
 
-    folder = writable_folder(out)
     loaded = HyperField.from_pretrained(field, device=default_device())
     photo = read_photo(image, loaded.record["resolution"])
     t = resolve_step(loaded.steps, step, strength)
+    folder = writable_folder(out)  # after the quick checks, so bad input leaves no folder; before the slow sampling
     sampling = Sampling(num_images=num_images, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     rows, details = generate(loaded, photo, prompt, t, base_model or loaded.record["base_model"], sampling, cache_dir or lora_cache_dir())
     written = write_images(rows, folder, details)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from hyperfields.cli.common import BaseModelOption, FieldOption, LoraFormatOption, PhotoOption, reports_errors
+from hyperfields.errors import UserError
 
 
 @reports_errors
@@ -28,9 +29,11 @@ def refine_command(
     from hyperfields.lora.formats import write_lora
     from hyperfields.refine import refine
 
-    writable_folder(out.parent)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; give the path of the .safetensors file to write")
     loaded = HyperField.from_pretrained(field, device=default_device())
     photo = read_photo(image, loaded.record["resolution"])
+    writable_folder(out.parent)  # after the quick checks, so bad input leaves no folder; before the slow refinement
     with typer.progressbar(length=steps, label="refining") as bar:
         result = refine(loaded, photo, steps, base_model or loaded.record["base_model"], rank=rank, caption=caption,
                         on_step=lambda k: bar.update(1))
