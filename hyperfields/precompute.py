@@ -121,6 +121,18 @@ def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], d
     if index.get("steps") != steps:
         raise UserError(f"objective.precomputed '{folder}': made with T={index.get('steps')} steps, "
                         f"but objective.steps={steps}; the field's T must match")
+    images = index.get("images")
+    if not (isinstance(images, dict) and all(type(row) is int for row in images.values())
+            and sorted(images.values()) == list(range(len(images)))):
+        raise UserError(f"objective.precomputed '{folder}': {INDEX_NAME} has no valid \"images\" map (image path -> row 0..M-1); "
+                        "run 'hyperfields precompute' again")
+    wanted = {**{name: (len(images), *shape) for name, shape in layout.items()},
+              **{THETA0_PREFIX + name: tuple(shape) for name, shape in layout.items()}}
+    for key, shape in wanted.items():
+        found = tuple(tensors[key].shape) if key in tensors else "no such tensor"
+        if found != shape:
+            raise UserError(f"objective.precomputed '{folder}': {WEIGHTS_NAME} tensor '{key}' should have shape {shape}, "
+                            f"found {found}; run 'hyperfields precompute' again")
     for name, w in task.initial_weights().items():
         if not torch.equal(tensors[THETA0_PREFIX + name], w.float().cpu()):
             raise UserError(f"objective.precomputed '{folder}': its theta_0 differs from this config's ('{name}'); "
@@ -128,9 +140,9 @@ def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], d
     rows = []
     for record in records:
         key = _relative(record.path, data_dir)
-        if key not in index["images"]:
+        if key not in images:
             raise UserError(f"objective.precomputed '{folder}': no weights for training image '{key}'; "
                             "run 'hyperfields precompute' on this data folder with the same train.heldout and train.seed")
-        rows.append(int(index["images"][key]))
+        rows.append(images[key])
     picks = torch.tensor(rows, dtype=torch.long)
     return {name: tensors[name][picks] for name in layout}

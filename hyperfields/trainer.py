@@ -188,16 +188,26 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             root.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        acc.save_state(str(staging), safe_serialization=True)
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(staging), safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
+                if self.ema is not None:
+                    self.ema.save(staging / EMA_NAME)
+                # The state file is written last: a folder without it is never taken for a checkpoint.
+                (staging / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+                # Never delete the complete checkpoint-N before the new one is in place.
+                old = root / f".old-checkpoint-{self.step}"
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(staging, final)
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as error:  # disk full, quota: nothing under the final name, the last good checkpoint kept
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TrainingError(f"stopped at step {self.step}: cannot write checkpoint '{final}' ({error.strerror or error}); "
+                                f"{self.last_checkpoint_text()}") from None
         if acc.is_main_process:
-            state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
-            if self.ema is not None:
-                self.ema.save(staging / EMA_NAME)
-            # The state file is written last: a folder without it is never taken for a checkpoint.
-            (staging / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
             limit = self.config.train.checkpoints_limit
             for old in checkpoint_dirs(self.output)[:-limit] if limit else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -208,13 +218,13 @@ class Trainer:
         try:
             self.accelerator.load_state(str(path))
             state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+            if self.ema is not None:
+                self.ema.load(path / EMA_NAME)
         except Exception as error:  # truncated or tampered files: say which checkpoint, not a traceback
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise UserError(f"checkpoint '{path}' cannot be loaded ({reason}); resume from another checkpoint folder") from None
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
-        if self.ema is not None:
-            self.ema.load(path / EMA_NAME)
         print0(self.accelerator, f"resumed from '{path}' at step {self.step}")
 
     def last_checkpoint_text(self) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
@@ -92,3 +93,27 @@ def test_supervised_training_with_missing_or_mismatched_weights_is_exit_code_2(p
                                  "--max-steps", "1", *SMALL, "--set", "objective.kind=supervised", *extra])
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
+
+
+def drop_one_tensor(folder: Path) -> None:
+    tensors = load_file(str(folder / "theta_T.safetensors"))
+    tensors.pop(next(name for name in tensors if not name.startswith("theta_0/")))
+    save_file(tensors, str(folder / "theta_T.safetensors"))
+
+
+def point_a_row_past_the_end(folder: Path) -> None:
+    index = json.loads((folder / "index.json").read_text())
+    index["images"][next(iter(index["images"]))] = 999
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("tamper, expected", [(drop_one_tensor, "should have shape"), (point_a_row_past_the_end, '"images" map')])
+def test_tampered_precomputed_weights_are_exit_code_2(photos, precomputed, tmp_path, tamper, expected):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(precomputed, tampered)
+    tamper(tampered)
+    result = runner.invoke(app, ["train", "--config", "configs/inr.yaml", "--data", str(photos), "--output", str(tmp_path / "o"),
+                                 "--max-steps", "1", *SMALL, "--set", "objective.kind=supervised", "--set", f"objective.precomputed={tampered}"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0] and str(tampered) in errors[0], result.output

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save_file
 from typer.testing import CliRunner
 
+from hyperfields import trainer
 from hyperfields.cli.main import app
 from hyperfields.errors import UserError
 from hyperfields.field.io import load_field
+from hyperfields.field.model import HyperField
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,30 +48,43 @@ def field_tensors(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "field" / "model.safetensors"))
 
 
+# Run as `python -c KILLED_WHILE_CHECKPOINTING train ...`: the process SIGKILLs itself once checkpoint-6's files are
+# staged but before they are renamed into place, the moment a kill during a checkpoint write can leave behind.
+KILLED_WHILE_CHECKPOINTING = """
+import os, signal
+from accelerate import Accelerator
+from hyperfields.cli.main import app
+
+save_state = Accelerator.save_state
+
+def save_then_die(self, output_dir, **kwargs):
+    save_state(self, output_dir, **kwargs)
+    if output_dir.endswith(".tmp-checkpoint-6"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Accelerator.save_state = save_then_die
+app()
+"""
+
+
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_field(photos, tmp_path):
+def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_field(photos, tmp_path):
     steps = ["--max-steps", "8", "--checkpoint-every", "2"]
     assert runner.invoke(app, train_args(photos, tmp_path / "clean", *steps)).exit_code == 0
 
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # same thread count as this process: same float sums
-    process = subprocess.Popen([sys.executable, "-m", "hyperfields", *train_args(photos, killed, *steps)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (killed / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "field").exists()
+    process = subprocess.run([sys.executable, "-c", KILLED_WHILE_CHECKPOINTING, *train_args(photos, killed, *steps)],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert process.returncode == -signal.SIGKILL
+    checkpoints = killed / "checkpoints"
+    assert (checkpoints / ".tmp-checkpoint-6" / "model.safetensors").is_file(), "killed half-way through writing checkpoint-6"
+    assert not (checkpoints / "checkpoint-6").exists() and not (killed / "field").exists()
 
-    # A checkpoint write cut off by the kill leaves a staging folder: it must never be resumed from.
-    (killed / "checkpoints" / ".tmp-checkpoint-99").mkdir()
-    (killed / "checkpoints" / ".tmp-checkpoint-99" / "model.safetensors").write_bytes(b"\0" * 10)
     result = runner.invoke(app, train_args(photos, killed, *steps, "--resume", "latest"))
     assert result.exit_code == 0, result.output
-    assert "resumed from" in result.output and ".tmp-checkpoint-99" not in result.output
+    assert f"resumed from '{checkpoints / 'checkpoint-4'}' at step 4" in result.output
+    assert json.loads((killed / "field" / "config.json").read_text())["trained_steps"] == 8
     clean, resumed = field_tensors(tmp_path / "clean"), field_tensors(killed)
     assert max((clean[k] - resumed[k]).abs().max().item() for k in clean) <= 1e-6
 
@@ -128,24 +145,45 @@ def test_hostile_folder_trains_and_names_every_skipped_file(tmp_path):
     assert (tmp_path / "run" / "field" / "model.safetensors").is_file()
 
 
-def test_nonfinite_loss_stops_with_the_step_and_last_checkpoint_or_is_skipped(photos, tmp_path, monkeypatch):
-    original = LoraDiffusionTask.loss
-    calls = {"n": 0}
+def poison_step_3(monkeypatch, owner: object, name: str, poison) -> None:
+    """Replace `owner.name` so that its third call, made in training step 3, returns poison(its result)."""
+    original, calls = getattr(owner, name), [0]
 
-    def poisoned(self, weights, inputs, draws, generator):
-        calls["n"] += 1
-        loss = original(self, weights, inputs, draws, generator)
-        return loss * float("nan") if calls["n"] == 3 else loss  # the third task gradient: step 3
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        result = original(*args, **kwargs)
+        return poison(result) if calls[0] == 3 else result
 
-    monkeypatch.setattr(LoraDiffusionTask, "loss", poisoned)
+    monkeypatch.setattr(owner, name, poisoned)
+
+
+NONFINITE = {
+    "task loss": (LoraDiffusionTask, "loss", lambda loss: loss * float("nan"), "non-finite task loss"),
+    "field output": (HyperField, "forward", lambda weights: {k: w * float("inf") for k, w in weights.items()}, "non-finite field output"),
+    # sqrt'(0) * 0 = inf * 0: the loss stays finite, its gradient is NaN.
+    "field gradient": (trainer, "gradient_matching_loss", lambda stats: replace(stats, loss=stats.loss + (stats.loss * 0).sqrt()),
+                       "non-finite gradient of the field"),
+}
+
+
+@pytest.mark.parametrize("where", list(NONFINITE))
+def test_nonfinite_value_stops_with_the_step_and_the_last_checkpoint(photos, tmp_path, monkeypatch, where):
+    owner, name, poison, expected = NONFINITE[where]
+    poison_step_3(monkeypatch, owner, name, poison)
     result = runner.invoke(app, train_args(photos, tmp_path / "stop", "--max-steps", "4", "--checkpoint-every", "2"))
-    assert result.exit_code == 1
-    assert "stopped at step 3" in result.output and "checkpoint-2" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "stopped at step 3" in error[0] and expected in error[0], result.output
+    assert str(tmp_path / "stop" / "checkpoints" / "checkpoint-2") in error[0]
+    assert not (tmp_path / "stop" / "field").exists()
 
-    calls["n"] = 0
+
+def test_skip_nonfinite_skips_the_step_and_says_so(photos, tmp_path, monkeypatch):
+    owner, name, poison, _ = NONFINITE["task loss"]
+    poison_step_3(monkeypatch, owner, name, poison)
     result = runner.invoke(app, train_args(photos, tmp_path / "skip", "--max-steps", "4", "--skip-nonfinite", "1"))
     assert result.exit_code == 0, result.output
-    assert "skipped 1 step" in result.output
+    assert "step 3: non-finite task loss" in result.output and "skipped 1 step(s) with non-finite values" in result.output
     assert (tmp_path / "skip" / "field" / "model.safetensors").is_file()
 
 
@@ -159,15 +197,38 @@ def test_truncated_or_tampered_field_weights_are_a_clear_error(photos, tmp_path)
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": [1, 2, 3]}")
     with pytest.raises(UserError, match="model.safetensors"):
         load_field(tmp_path / "run" / "field")
+    tampered = load(data)  # well-formed safetensors, one tensor of another shape
+    name = next(iter(tampered))
+    tampered[name] = torch.zeros(3, 3)
+    save_file(tampered, str(weights))
+    with pytest.raises(UserError, match=re.escape(f"1 wrongly shaped tensors, e.g. {name}")):
+        load_field(tmp_path / "run" / "field")
 
 
-def test_truncated_checkpoint_is_a_clear_error_on_resume(photos, tmp_path):
+class Payload:
+    """Unpickling it creates `marker`: proof that a loader ran code from a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_truncated_or_pickle_planted_checkpoint_is_a_clear_error_on_resume(photos, tmp_path):
     run = tmp_path / "run"
     assert runner.invoke(app, train_args(photos, run, "--max-steps", "2", "--checkpoint-every", "1")).exit_code == 0
     model = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])
     result = runner.invoke(app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-2")))
     assert result.exit_code == 2 and "checkpoint-2" in result.output and "Traceback" not in result.output
+
+    # accelerate's optimizer.bin is a pickle: it is loaded with weights_only=True, so code planted in it is refused, never run.
+    marker = tmp_path / "code-ran"
+    torch.save({"state": Payload(marker)}, run / "checkpoints" / "checkpoint-1" / "optimizer.bin")
+    result = runner.invoke(app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-1")))
+    assert result.exit_code == 2 and "checkpoint-1" in result.output, result.output
+    assert not marker.exists()
 
 
 def test_unwritable_output_is_exit_code_2(photos, tmp_path):
@@ -188,6 +249,23 @@ def test_disk_full_while_writing_the_field_leaves_nothing_under_its_name(photos,
     assert result.exit_code == 2 and "No space left" in result.output
     assert not (tmp_path / "run" / "field").exists()
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".field")]
+
+
+def test_disk_full_while_writing_a_checkpoint_stops_with_one_line_and_no_checkpoint_under_its_name(photos, tmp_path, monkeypatch):
+    import accelerate.checkpointing
+
+    real_save = accelerate.checkpointing.save
+
+    def disk_full_after_the_model(obj, path, **kwargs):  # model.safetensors is staged, optimizer.bin fails
+        if not str(path).endswith(".safetensors"):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", disk_full_after_the_model)
+    result = runner.invoke(app, train_args(photos, tmp_path / "run", "--max-steps", "2", "--checkpoint-every", "1"))
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "No space left" in errors[0] and "checkpoint-1" in errors[0], result.output
+    assert not list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
 
 
 def test_no_pickle_in_checkpoints_and_fields(photos, tmp_path):

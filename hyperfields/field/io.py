@@ -117,8 +117,12 @@ def load_field(folder: Path, device: str | torch.device = "cpu") -> tuple[HyperF
     ones = {name: 1.0 for name in layout}
     field = HyperField(encoder, layout, zeros, ones, steps=record["steps"], **record["field"])
     field.record = record
-    missing, unexpected = field.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("encoder.")]
-    if missing or unexpected:
-        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} does not match its config ({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]})")
+    expected = field.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith("encoder.")]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} does not match its config ({len(missing)} missing, {len(unexpected)} unexpected, "
+                        f"{len(reshaped)} wrongly shaped tensors, e.g. {(missing + unexpected + reshaped)[0]})")
+    field.load_state_dict(state, strict=False)
     return field.to(device).eval(), record
