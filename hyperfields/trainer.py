@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -152,8 +153,7 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same init on every process
         field = HyperField(
             encoder, self.task.layout(), self.task.initial_weights(), self.task.init_std(), steps=config.objective.steps,
-            width=config.field.width, depth=config.field.depth, heads=config.field.heads,
-            mlp_ratio=config.field.mlp_ratio, output_gain=config.field.output_gain,
+            **dataclasses.asdict(config.field),
         )
         parameters = [p for p in field.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -327,8 +327,7 @@ class Trainer:
             "sdxl_layers_per_block": self.task.sdxl_layers_per_block() if hasattr(self.task, "sdxl_layers_per_block") else None, "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
             "steps": config.objective.steps, "step_size": config.objective.step_size, "update": config.objective.update,
             "resolution": config.model.resolution, "caption_template": config.data.caption_template, "token": config.data.token,
-            "field": {"width": config.field.width, "depth": config.field.depth, "heads": config.field.heads,
-                      "mlp_ratio": config.field.mlp_ratio, "output_gain": config.field.output_gain},
+            "field": dataclasses.asdict(config.field),
             "trained_steps": self.step, "heldout_recovered": recovered, "config": config.to_dict(),
         }
 

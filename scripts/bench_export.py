@@ -7,6 +7,7 @@ Usage: python scripts/bench_export.py [--field DIR] [--runs 20] [--device cpu|cu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -52,8 +53,7 @@ def tiny_field(device: torch.device) -> HyperField:
     task = build_task(config, torch.device("cpu"), torch.float32)
     model, norm = load_encoder(config.model.encoder)
     field = HyperField(ImageEncoder(model, norm), task.layout(), task.initial_weights(), task.init_std(),
-                       steps=config.objective.steps, width=config.field.width, depth=config.field.depth,
-                       heads=config.field.heads, mlp_ratio=config.field.mlp_ratio, output_gain=config.field.output_gain)
+                       steps=config.objective.steps, **dataclasses.asdict(config.field))
     field.record = {"base_model": config.model.base_model, "steps": config.objective.steps, "alpha": config.lora.alpha,
                     "resolution": config.model.resolution}
     return field.to(device).eval()

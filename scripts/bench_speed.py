@@ -147,8 +147,7 @@ def main() -> None:
         inputs = task.prepare(images, ["a photo of sks"] * batch)
     field = HyperField(
         ImageEncoder(encoder_model, norm), task.layout(), task.initial_weights(), task.init_std(), steps=config.objective.steps,
-        width=config.field.width, depth=config.field.depth, heads=config.field.heads, mlp_ratio=config.field.mlp_ratio,
-        output_gain=config.field.output_gain,
+        **dataclasses.asdict(config.field),
     ).to(device)
     field_parameters = [p for p in field.parameters() if p.requires_grad]
     field_optimizer = torch.optim.AdamW(field_parameters, lr=config.train.learning_rate)
