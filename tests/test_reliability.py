@@ -205,6 +205,24 @@ def test_truncated_or_tampered_field_weights_are_a_clear_error(photos, tmp_path)
         load_field(tmp_path / "run" / "field")
 
 
+def test_edited_field_config_or_missing_field_path_is_a_clear_error(photos, tmp_path):
+    assert runner.invoke(app, train_args(photos, tmp_path / "run", "--max-steps", "1")).exit_code == 0
+    config = tmp_path / "run" / "field" / "config.json"
+    record = json.loads(config.read_text())
+    del record["layout"]
+    config.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="no valid 'layout'"):
+        load_field(tmp_path / "run" / "field")
+    record["layout"], record["steps"] = {}, "fifty"
+    config.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="no valid 'steps' \\(int expected\\)"):
+        load_field(tmp_path / "run" / "field")
+    # A path that is not a hub id ('owner/name') is not looked up on the hub.
+    result = runner.invoke(app, ["export", "--field", str(tmp_path / "no" / "field"), "--image", str(next(photos.iterdir())),
+                                 "--format", "kohya", "--out", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 2 and "no such folder" in result.output and "hub" not in result.output, result.output
+
+
 class Payload:
     """Unpickling it creates `marker`: proof that a loader ran code from a file."""
 

@@ -39,4 +39,4 @@ def generate_command(
     sampling = Sampling(num_images=num_images, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     rows, details = generate(loaded, photo, prompt, t, base_model or loaded.record["base_model"], sampling, cache_dir or lora_cache_dir())
     written = write_images(rows, folder, details)
-    typer.echo(f"wrote {len(written) - 1} images and contact_sheet.png to '{folder}' (t = {t:g} of T = {loaded.steps})")
+    typer.echo(f"wrote {len(written) - 1} image{'s' if len(written) != 2 else ''} and contact_sheet.png to '{folder}' (t = {t:g} of T = {loaded.steps})")

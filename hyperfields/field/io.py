@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -22,6 +23,11 @@ from hyperfields.models import load_encoder
 FORMAT = "hyperfields-field"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# What load_field reads from config.json, and its JSON type.
+REQUIRED_RECORD: dict[str, tuple[type, ...]] = {
+    "encoder": (str,), "train_encoder": (bool,), "layout": (dict,), "steps": (int,), "field": (dict,),
+    "base_model": (str,), "resolution": (int,), "alpha": (int, float),
+}
 
 
 def package_versions() -> dict[str, str]:
@@ -79,6 +85,10 @@ def resolve_field_folder(name: str | Path, revision: str | None = None, cache_di
     if local.is_dir():
         return local
     try:
+        validate_repo_id(str(name))
+    except HFValidationError:  # a path, not a hub id ('owner/name'): no point asking the hub
+        raise UserError(f"field '{name}': no such folder") from None
+    try:
         snapshot = snapshot_download(str(name), revision=revision, cache_dir=cache_dir, force_download=force_download,
                                      local_files_only=local_files_only, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
     except Exception as error:  # offline, unknown repo, malformed id: all mean the same thing to the user
@@ -98,6 +108,11 @@ def read_record(folder: Path) -> dict[str, Any]:
         raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not valid JSON ({error})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not a hyperfields field record")
+    for key, kind in REQUIRED_RECORD.items():
+        if not isinstance(record.get(key), kind):
+            raise UserError(f"field folder '{folder}': {CONFIG_NAME} has no valid '{key}' "
+                            f"({' or '.join(t.__name__ for t in kind)} expected); "
+                            "it was edited or is damaged, write it again with 'hyperfields train'")
     return record
 
 
