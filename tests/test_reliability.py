@@ -209,13 +209,17 @@ def test_edited_field_config_or_missing_field_path_is_a_clear_error(photos, tmp_
     assert runner.invoke(app, train_args(photos, tmp_path / "run", "--max-steps", "1")).exit_code == 0
     config = tmp_path / "run" / "field" / "config.json"
     record = json.loads(config.read_text())
-    del record["layout"]
+    saved_layout = record.pop("layout")
     config.write_text(json.dumps(record))
     with pytest.raises(UserError, match="no valid 'layout'"):
         load_field(tmp_path / "run" / "field")
     record["layout"], record["steps"] = {}, "fifty"
     config.write_text(json.dumps(record))
     with pytest.raises(UserError, match="no valid 'steps' \\(int expected\\)"):
+        load_field(tmp_path / "run" / "field")
+    record["layout"], record["steps"], record["field"]["from_the_future"] = saved_layout, 10, 1
+    config.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="does not know.*upgrade hyperfields"):
         load_field(tmp_path / "run" / "field")
     # A path that is not a hub id ('owner/name') is not looked up on the hub.
     result = runner.invoke(app, ["export", "--field", str(tmp_path / "no" / "field"), "--image", str(next(photos.iterdir())),

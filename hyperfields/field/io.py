@@ -130,7 +130,11 @@ def load_field(folder: Path, device: str | torch.device = "cpu") -> tuple[HyperF
     layout = {name: tuple(shape) for name, shape in record["layout"].items()}
     zeros = {name: torch.zeros(shape) for name, shape in layout.items()}
     ones = {name: 1.0 for name in layout}
-    field = HyperField(encoder, layout, zeros, ones, steps=record["steps"], **record["field"])
+    try:
+        field = HyperField(encoder, layout, zeros, ones, steps=record["steps"], **record["field"])
+    except TypeError as error:  # a field setting this version does not know: written by a newer hyperfields
+        raise UserError(f"field folder '{folder}': {CONFIG_NAME} has field settings this hyperfields "
+                        f"({package_versions()['hyperfields']}) does not know ({error}); upgrade hyperfields") from None
     field.record = record
     expected = field.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("encoder.")]
