@@ -48,14 +48,14 @@ class FieldConfig:
     depth: int = 2  # number of DiT blocks
     heads: int = 4  # attention heads
     mlp_ratio: float = 4.0
-    output_gain: float = 1.0  # multiplies every head's hyperfan output scale
+    output_gain: float = 0.1  # multiplies every head's hyperfan output scale: a trajectory's first steps are small
 
 
 @dataclass
 class ObjectiveConfig:
     kind: Literal["matching", "supervised"] = "matching"  # gradient matching or two-phase regression
     steps: int = 50  # T: length of the per-subject optimisation the field models
-    step_size: float = 0.01  # eta of the per-subject update
+    step_size: float = 0.05  # eta of the per-subject update
     update: Literal["sgd", "normalized", "sign"] = "normalized"  # update rule u
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
@@ -69,11 +69,11 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = 500
     batch_size: int = 4  # conditions per step on each process
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 20  # linear warm-up, then cosine decay to zero at max_steps
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to zero at max_steps
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0  # clip the field's gradient norm; 0 = off
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -82,11 +82,11 @@ class TrainConfig:
     cache_latents: bool = False
     ema_decay: float = 0.0  # 0 = no EMA; else the final field is the EMA copy
     seed: int = 0
-    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 100  # 0 = only at the end
     checkpoints_limit: int = 2  # keep this many checkpoints; 0 = keep all
     eval_every: int = 0  # held-out evaluation period; 0 = only at the end
     heldout: int = 2  # images kept out of training for the held-out evaluation
-    eval_draws: int = 8  # fixed noise draws per held-out image in the evaluation
+    eval_draws: int = 16  # fixed noise draws per held-out image in the evaluation
     log_every: int = 10
     skip_nonfinite: int = 0  # steps with non-finite values to skip before stopping
 
