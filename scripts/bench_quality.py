@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override key=value; repeatable")
     parser.add_argument("--train", type=Path, help="folder of training images; default crops of scikit-image photos")
     parser.add_argument("--heldout", type=Path, help="folder of held-out images; default crops of other scikit-image photos")
-    parser.add_argument("--fractions", default="0.25,0.5,1", help="budget fractions to train at, comma-separated")
+    parser.add_argument("--fractions", default="0.25,1", help="budget fractions to train at, comma-separated")
     parser.add_argument("--work", type=Path, help="folder for crops, precomputed weights and runs; default a temporary one")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path)

@@ -57,3 +57,11 @@ class QuadraticTask:
 @pytest.fixture
 def quadratic_task() -> QuadraticTask:
     return QuadraticTask()
+
+
+def clean_exit(result) -> bool:
+    """True when a CliRunner command ended through its own exit code, not an uncaught exception.
+
+    CliRunner swallows exceptions, so a traceback never shows in `result.output`; outside it, one would.
+    """
+    return result.exception is None or isinstance(result.exception, SystemExit)

@@ -18,6 +18,7 @@ from hyperfields.cli.main import app
 from hyperfields.field.model import HyperField
 from hyperfields.generate import cached_lora_file, read_photo
 from hyperfields.models import load_encoder, tiny_models_dir
+from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
 runner = CliRunner()
@@ -151,7 +152,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, case):
     result = generate(trained, out, tmp_path / "cache", *extra, photo=photo)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.output
+    assert len(errors) == 1 and expected in errors[0] and clean_exit(result)
     if case == "another base model":
         assert "attn2.to_k" in errors[0] and "'tiny'" in errors[0]
         assert not any(out.glob("*.png"))

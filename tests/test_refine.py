@@ -16,6 +16,7 @@ from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
 from hyperfields.models import load_pipeline_components
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
 runner = CliRunner()
@@ -94,7 +95,7 @@ def test_refine_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, case
         "out is a folder": (trained.photo, tmp_path / "folder", [], "error: --out"),
     }[case]
     result = runner.invoke(app, ["refine", "--field", str(trained.field), "--image", str(photo), *extra, "--out", str(out)])
-    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.exit_code == 2 and clean_exit(result)
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(expected), result.output
     assert not any((tmp_path / "new").glob("*")) and not any((tmp_path / "folder").iterdir())

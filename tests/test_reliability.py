@@ -24,6 +24,7 @@ from hyperfields.errors import UserError
 from hyperfields.field.io import load_field
 from hyperfields.field.model import HyperField
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from tests.conftest import clean_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -243,7 +244,7 @@ def test_truncated_or_pickle_planted_checkpoint_is_a_clear_error_on_resume(photo
     model = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])
     result = runner.invoke(app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-2")))
-    assert result.exit_code == 2 and "checkpoint-2" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "checkpoint-2" in result.output and clean_exit(result)
 
     # accelerate's optimizer.bin is a pickle: it is loaded with weights_only=True, so code planted in it is refused, never run.
     marker = tmp_path / "code-ran"
