@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_folder(staging: Path, final: Path) -> Path:
+    """`final`, now the complete folder `staging`; an existing `final` is moved aside first and removed only after.
+
+    Two renames, so a kill at any moment leaves either folder complete under some name, never a half-deleted one.
+    """
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        replaced = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(staging, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final
 
 
 def writable_folder(folder: Path) -> Path:

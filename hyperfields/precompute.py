@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from hyperfields.config import Config
 from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder, split_heldout
 from hyperfields.errors import UserError
+from hyperfields.files import replace_folder
 from hyperfields.matching import real_trajectory
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
@@ -74,14 +75,7 @@ def write_precomputed(output: Path, theta_T: Weights, theta0: Weights, images: S
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"cannot write precomputed weights to '{output}' ({error.strerror or error})") from None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-    return output
+    return replace_folder(staging, output)
 
 
 def precompute(config: Config, data_dir: Path, output: Path, batch_size: int = 16,

@@ -25,6 +25,7 @@ from hyperfields.errors import TrainingError, UserError
 from hyperfields.evaluation import HeldoutReference, evaluate_field, heldout_reference
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import save_field
+from hyperfields.files import replace_folder
 from hyperfields.field.model import HyperField
 from hyperfields.matching import NonFiniteError, gradient_matching_loss, supervised_loss
 from hyperfields.models import load_encoder
@@ -197,12 +198,7 @@ class Trainer:
                     self.ema.save(staging / EMA_NAME)
                 # The state file is written last: a folder without it is never taken for a checkpoint.
                 (staging / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-                # Never delete the complete checkpoint-N before the new one is in place.
-                old = root / f".old-checkpoint-{self.step}"
-                if final.exists():
-                    os.replace(final, old)
-                os.replace(staging, final)
-                shutil.rmtree(old, ignore_errors=True)
+                replace_folder(staging, final)
         except OSError as error:  # disk full, quota: nothing under the final name, the last good checkpoint kept
             shutil.rmtree(staging, ignore_errors=True)
             raise TrainingError(f"stopped at step {self.step}: cannot write checkpoint '{final}' ({error.strerror or error}); "

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from hyperfields.errors import UserError
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
+from hyperfields.files import replace_folder
 from hyperfields.models import load_encoder
 
 FORMAT = "hyperfields-field"
@@ -68,14 +69,7 @@ def save_field(field: HyperField, folder: Path, record: dict[str, Any]) -> Path:
     except OSError as error:  # disk full, quota: leave nothing behind, under the final name or beside it
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"cannot write the field to '{folder}' ({error.strerror or error})") from None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
-    return folder
+    return replace_folder(staging, folder)
 
 
 def resolve_field_folder(name: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
