@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from hyperfields.errors import TrainingError, UserError
 from hyperfields.evaluation import HeldoutReference, evaluate_field, heldout_reference
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import save_field
-from hyperfields.files import replace_folder
 from hyperfields.field.model import HyperField
+from hyperfields.files import replace_folder, writable_folder
 from hyperfields.matching import NonFiniteError, gradient_matching_loss, supervised_loss
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
@@ -111,23 +110,13 @@ def resolve_resume(output: Path, resume: str) -> Path:
     return path
 
 
-def _check_output(output: Path) -> None:
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"output folder '{output}' cannot be written ({error.strerror or error})") from None
-
-
 class Trainer:
     """Builds the task, the field and the accelerate objects from a Config, then trains."""
 
     def __init__(self, config: Config, data_dir: Path, output: Path, resume: str | None = None) -> None:
         self.config = config
         self.output = Path(output)
-        _check_output(self.output)
+        writable_folder(self.output)
         self.resume_from = resolve_resume(self.output, resume) if resume else None
         train = config.train
         self.accelerator = Accelerator(
