@@ -49,6 +49,9 @@ class FieldConfig:
     heads: int = 4  # attention heads
     mlp_ratio: float = 4.0
     output_gain: float = 0.1  # multiplies every head's hyperfan output scale: a trajectory's first steps are small
+    # Features per image token that reach the step condition flattened, so it sees where things are in the image,
+    # not only the tokens' mean; 0 = the mean alone (fields written before this setting existed).
+    spatial_rank: int = 16
 
 
 @dataclass
@@ -189,7 +192,7 @@ def _validate(config: Config) -> None:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
                 "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm", "inr.pixels"):
+                "objective.max_step_norm", "inr.pixels", "field.spatial_rank"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")

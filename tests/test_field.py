@@ -48,3 +48,27 @@ def test_every_head_gets_a_gradient_at_the_first_step():
     for key, head in field.heads.items():
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0, key
     assert field.tokens.grad.abs().sum() > 0
+
+
+def _randomised(spatial_rank: int) -> HyperField:
+    # Random weights everywhere, so that the step condition reaches the output (at init adaLN-Zero hides it).
+    torch.manual_seed(0)
+    field = HyperField(tiny_vit_encoder(), {"w": (6, 5)}, {"w": torch.zeros(6, 5)}, {"w": 0.1}, steps=10, width=32,
+                       depth=1, heads=4, spatial_rank=spatial_rank)
+    with torch.no_grad():
+        for name, parameter in field.named_parameters():
+            if not name.startswith("encoder."):
+                parameter.normal_(std=0.2)
+    return field
+
+
+def test_spatial_condition_tells_apart_images_whose_tokens_differ_only_in_order():
+    # Cross-attention and the mean of the tokens are blind to token order; with spatial_rank > 0 the field sees where.
+    tokens = torch.randn(1, 17, 32)
+    swapped = tokens[:, torch.randperm(17, generator=torch.Generator().manual_seed(0))]
+    blind, seeing = _randomised(0), _randomised(8)
+    with torch.no_grad():
+        torch.testing.assert_close(blind(t=10, encoder_tokens=tokens)["w"], blind(t=10, encoder_tokens=swapped)["w"])
+        difference = seeing(t=10, encoder_tokens=tokens)["w"] - seeing(t=10, encoder_tokens=swapped)["w"]
+    assert difference.abs().max() > 1e-3
+    assert seeing.spatial_up.in_features == 17 * 8  # the tiny ViT: 16 patches and CLS

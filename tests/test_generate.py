@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
@@ -99,6 +100,21 @@ def test_field_folders_round_trip_through_save_pretrained(trained, tmp_path):
     pretrained, _ = load_encoder("tiny")
     for name, value in pretrained.state_dict().items():
         assert torch.equal(copy.encoder.model.state_dict()[name], value), name
+
+
+def test_a_field_folder_from_before_spatial_rank_loads_with_the_mean_condition_alone(trained, tmp_path):
+    # Fields written before field.spatial_rank existed have neither the setting nor its tensors.
+    old = tmp_path / "old"
+    shutil.copytree(trained.field, old)
+    record = json.loads((old / "config.json").read_text())
+    assert record["field"].pop("spatial_rank") > 0
+    (old / "config.json").write_text(json.dumps(record))
+    state = load_file(old / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("spatial_")}, old / "model.safetensors")
+    field = HyperField.from_pretrained(old)
+    assert field.spatial_rank == 0
+    kept = field.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in state.items() if not k.startswith("spatial_"))
 
 
 def test_a_field_pushed_to_the_hub_loads_back_by_its_hub_id(trained, tmp_path, monkeypatch):

@@ -31,6 +31,12 @@ class ImageEncoder(nn.Module):
             self.model.eval()
         return self
 
+    def num_tokens(self) -> int:
+        """How many tokens every image gives (each is resized to the encoder's input size): one forward pass."""
+        parameter = next(self.model.parameters())
+        with torch.no_grad():
+            return int(self(torch.zeros(1, 3, self.norm.size, self.norm.size, device=parameter.device)).shape[1])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = (images + 1) / 2  # (N, 3, H, W) in [0, 1]
         if pixels.shape[-1] != self.norm.size or pixels.shape[-2] != self.norm.size:

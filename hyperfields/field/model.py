@@ -56,6 +56,7 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         heads: int = 4,
         mlp_ratio: float = 4.0,
         output_gain: float = 1.0,
+        spatial_rank: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -66,6 +67,13 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         self.record: dict[str, Any] = {}
         self.image_proj = nn.Linear(encoder.width, width)
         self.pool_proj = nn.Linear(width, width)
+        # The mean of the image tokens says what is in the image, not where. A learned projection of every token
+        # to `spatial_rank` features, flattened in token order, adds where; cross-attention alone reads only a few
+        # weighted averages of the tokens. The encoder resizes every image to one size, so the token count is fixed.
+        self.spatial_rank = spatial_rank
+        if spatial_rank > 0:
+            self.spatial_down = nn.Linear(width, spatial_rank)
+            self.spatial_up = nn.Linear(encoder.num_tokens() * spatial_rank, width)
         self.phase_embed = PhaseEmbedder(width)
         self.tokens = nn.Parameter(torch.zeros(len(self.names), width))
         self.blocks = nn.ModuleList(FieldBlock(width, heads, mlp_ratio) for _ in range(depth))
@@ -129,6 +137,8 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         """Delta(c, t) of each group of same-shape tensors, by shape key: (N, n_key, *shape)."""
         phase = t.float() / self.steps  # bounded phase t/T, never raw t
         cond = self.phase_embed(phase) + self.pool_proj(image_tokens.mean(dim=1))  # (N, D)
+        if self.spatial_rank > 0:
+            cond = cond + self.spatial_up(self.spatial_down(image_tokens).flatten(1))
         x = self.tokens.unsqueeze(0).expand(image_tokens.shape[0], -1, -1)  # (N, W, D)
         for block in self.blocks:
             x = block(x, image_tokens, cond)
