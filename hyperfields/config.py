@@ -67,6 +67,9 @@ class ObjectiveConfig:
     # "difference" = Psi(t+k) - Psi(t) with the gradient through both ends.
     match: Literal["position", "difference"] = "position"
     max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
+    # Adds end_weight x the task loss at Psi(c, T), relative to theta_0's, to gradient matching: better weights at T,
+    # at the price of following the trajectory less closely before T; one more task gradient per condition.
+    end_weight: float = 0.0
     precomputed: str = ""  # kind=supervised: folder written by `hyperfields precompute` (theta_T per training image)
 
 
@@ -192,7 +195,7 @@ def _validate(config: Config) -> None:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
                 "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm", "inr.pixels", "field.spatial_rank"):
+                "objective.max_step_norm", "objective.end_weight", "inr.pixels", "field.spatial_rank"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")

@@ -147,7 +147,13 @@ def gradient_matching_loss(
     # One field call for t, t+1 ... t+K: rows ordered (sample, k).
     all_t = (t.unsqueeze(1) + torch.arange(rollout + 1, device=t.device)).reshape(-1)
     repeated = {key: value.repeat_interleave(rollout + 1, dim=0) for key, value in field_inputs.items()}
+    if objective.end_weight > 0:  # and Psi(c, T), in the same call
+        all_t = torch.cat([all_t, torch.full((n,), objective.steps, dtype=all_t.dtype, device=t.device)])
+        repeated = {key: torch.cat([value, field_inputs[key]]) for key, value in repeated.items()}
     psi = field(t=all_t, **repeated)
+    if objective.end_weight > 0:
+        at_T = {name: w[n * (rollout + 1):] for name, w in psi.items()}
+        psi = {name: w[: n * (rollout + 1)] for name, w in psi.items()}
     groups = _shape_groups(psi)
     stacks = [s.view(n, rollout + 1, *s.shape[1:]) for s in _stack(psi, groups)]  # each (N, K+1, n, *shape)
     theta_hat = [s[:, 0].detach() for s in stacks]
@@ -163,8 +169,19 @@ def gradient_matching_loss(
         _stacked_step_loss([s[:, k + 1] - s0 for s, s0 in zip(stacks, start)], real_steps[k], objective.loss)
         for k in range(rollout)
     ]).mean()
+    if objective.end_weight > 0:
+        loss = loss + objective.end_weight * end_loss(task, at_T, inputs, objective, generator)
     step_norm = torch.cat([_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()
     return MatchingStats(loss=loss, task_loss=float(task_losses.mean()), step_norm=float(step_norm))
+
+
+def end_loss(task: Task, at_T: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator) -> torch.Tensor:
+    """Mean over samples of the task loss at Psi(c, T) (`at_T`, with grad) over the loss at theta_0."""
+    first = next(iter(at_T.values()))
+    theta0 = {name: w.to(first.device).expand(first.shape[0], *w.shape) for name, w in task.initial_weights().items()}
+    with torch.no_grad():
+        start = task.loss(theta0, inputs, objective.noise_draws, generator)
+    return (task.loss(at_T, inputs, objective.noise_draws, generator) / start.clamp_min(EPS)).mean()
 
 
 def supervised_loss(field: Callable[..., Weights], field_inputs: dict[str, torch.Tensor], theta_T: Weights, steps: int, theta0: Weights) -> torch.Tensor:

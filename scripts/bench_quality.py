@@ -1,7 +1,8 @@
 """Held-out quality of the gradient-matching field against real optimisation and the two-phase baseline.
 
 Both fields get the same budget of task-gradient evaluations (one per sample and real update, whatever
-objective.noise_draws): gradient matching spends K = objective.rollout per sampled condition and optimiser step,
+objective.noise_draws): gradient matching spends K = objective.rollout per sampled condition and optimiser step
+(one more with objective.end_weight > 0),
 so it trains train.max_steps steps on batches of budget / (steps * K) conditions; the supervised baseline spends
 T per training image in `precompute` (budget / T images) and nothing while it regresses Psi(c, T) on them for the
 same number of optimiser steps. Both are then scored on held-out photos next to theta_0 and real optimisation:
@@ -188,7 +189,8 @@ def main() -> None:
     runs = []
     for fraction in [float(f) for f in args.fractions.split(",")]:
         budget = int(args.budget * fraction)
-        batch = max(1, budget // (steps * objective.rollout))
+        per_condition = objective.rollout + (1 if objective.end_weight > 0 else 0)  # task gradients per condition
+        batch = max(1, budget // (steps * per_condition))
         matching = load_config(args.config or Path(config_path), [*args.overrides, *fixed, f"train.batch_size={batch}"])
         field_dir, matching_seconds = train_field(matching, train_dir, work / f"matching-{fraction:g}")
         n_images = min(len(train_images), budget // objective.steps)
@@ -209,7 +211,7 @@ def main() -> None:
         runs.append({
             "fraction": fraction, "budget": budget,
             "field_T": field_along_t[-1], "supervised_T": field_scores(supervised_dir, images, score, [objective.steps])[0],
-            "matching": {"batch": batch, "steps": steps, "gradients": batch * steps * objective.rollout, "seconds": matching_seconds},
+            "matching": {"batch": batch, "steps": steps, "gradients": batch * steps * per_condition, "seconds": matching_seconds},
             "supervised": {"images": n_images, "steps": steps, "gradients": n_images * objective.steps,
                            "seconds": precompute_seconds + supervised_seconds, "precompute_seconds": precompute_seconds},
             "field_along_t": field_along_t,

@@ -90,3 +90,22 @@ def test_nonfinite_task_gradient_stops_with_an_error(quadratic_task):
     inputs["layer.bias"][0, 0] = float("nan")
     with pytest.raises(NonFiniteError):
         gradient_matching_loss(field, quadratic_task, {"images": images}, inputs, torch.tensor([1, 2]), objective, torch.Generator())
+
+
+def test_end_weight_adds_the_task_loss_at_T_relative_to_theta0(quadratic_task):
+    images = colour_images(3, seed=2)
+    inputs = quadratic_task.prepare(images, [""] * 3)
+    torch.manual_seed(0)
+    field = HyperField(tiny_vit_encoder(), quadratic_task.layout(), quadratic_task.initial_weights(),
+                       quadratic_task.init_std(), steps=10, width=32, depth=1, heads=4)
+    t = torch.tensor([0, 4, 8])
+    losses = {}
+    for weight in (0.0, 2.0):
+        objective = ObjectiveConfig(steps=10, step_size=0.1, update="sgd", noise_draws=1, end_weight=weight)
+        losses[weight] = gradient_matching_loss(field, quadratic_task, {"images": images}, inputs, t, objective,
+                                                torch.Generator().manual_seed(0)).loss
+    with torch.no_grad():
+        at_T = field(t=10, images=images)
+        theta0 = {name: w.expand(3, *w.shape) for name, w in quadratic_task.initial_weights().items()}
+        relative = quadratic_task.loss(at_T, inputs, 1, None) / quadratic_task.loss(theta0, inputs, 1, None)
+    torch.testing.assert_close(losses[2.0] - losses[0.0], 2.0 * relative.mean())
