@@ -1,9 +1,9 @@
 """Held-out quality of the gradient-matching field against real optimisation and the two-phase baseline.
 
 Both fields get the same budget of task-gradient evaluations (one per sample and real update, whatever
-objective.noise_draws): gradient matching spends K = objective.rollout per sampled condition and optimiser step
-(one more with objective.end_weight > 0),
-so it trains train.max_steps steps on batches of budget / (steps * K) conditions; the supervised baseline spends
+objective.noise_draws): gradient matching spends K = objective.rollout per sampled condition and optimiser step,
+K + 1 with objective.end_weight > 0, so it trains train.max_steps steps on batches of budget / (steps * that)
+conditions; the supervised baseline spends
 T per training image in `precompute` (budget / T images) and nothing while it regresses Psi(c, T) on them for the
 same number of optimiser steps. Both are then scored on held-out photos next to theta_0 and real optimisation:
 PSNR in dB for --task inr, the task loss on fixed draws and the recovered fraction R for --task lora.
