@@ -144,16 +144,13 @@ def gradient_matching_loss(
 ) -> MatchingStats:
     """K-step gradient matching: Psi(c, t+k) against k real updates from theta_hat = stopgrad Psi(c, t)."""
     n, rollout = t.shape[0], objective.rollout
-    # One field call for t, t+1 ... t+K: rows ordered (sample, k).
-    all_t = (t.unsqueeze(1) + torch.arange(rollout + 1, device=t.device)).reshape(-1)
-    repeated = {key: value.repeat_interleave(rollout + 1, dim=0) for key, value in field_inputs.items()}
-    if objective.end_weight > 0:  # and Psi(c, T), in the same call
-        all_t = torch.cat([all_t, torch.full((n,), objective.steps, dtype=all_t.dtype, device=t.device)])
-        repeated = {key: torch.cat([value, field_inputs[key]]) for key, value in repeated.items()}
-    psi = field(t=all_t, **repeated)
+    # One field call for t, t+1 ... t+K (and T with end_weight) of each sample, its image side computed once.
+    steps = t.unsqueeze(1) + torch.arange(rollout + 1, device=t.device)  # (N, K+1)
     if objective.end_weight > 0:
-        at_T = {name: w[n * (rollout + 1):] for name, w in psi.items()}
-        psi = {name: w[: n * (rollout + 1)] for name, w in psi.items()}
+        steps = torch.cat([steps, torch.full((n, 1), objective.steps, dtype=steps.dtype, device=t.device)], dim=1)
+    psi = field(t=steps, **field_inputs)  # each (N, M, *shape)
+    at_T = {name: w[:, -1] for name, w in psi.items()}
+    psi = {name: w[:, : rollout + 1].reshape(-1, *w.shape[2:]) for name, w in psi.items()}  # rows ordered (sample, k)
     groups = _shape_groups(psi)
     stacks = [s.view(n, rollout + 1, *s.shape[1:]) for s in _stack(psi, groups)]  # each (N, K+1, n, *shape)
     theta_hat = [s[:, 0].detach() for s in stacks]

@@ -72,3 +72,15 @@ def test_spatial_condition_tells_apart_images_whose_tokens_differ_only_in_order(
         difference = seeing(t=10, encoder_tokens=tokens)["w"] - seeing(t=10, encoder_tokens=swapped)["w"]
     assert difference.abs().max() > 1e-3
     assert seeing.spatial_up.in_features == 17 * 8  # the tiny ViT: 16 patches and CLS
+
+
+def test_several_steps_per_image_give_the_same_weights_as_one_call_per_step():
+    # Gradient matching asks for t, t+1 and T of every image in one call, computing the image side once.
+    field = _randomised(8)
+    tokens = torch.randn(3, 17, 32)
+    steps = torch.tensor([[0.0, 4.0, 10.0], [2.0, 3.0, 10.0], [7.0, 8.0, 10.0]])
+    with torch.no_grad():
+        together = field(t=steps, encoder_tokens=tokens)["w"]
+        apart = torch.stack([field(t=steps[:, m], encoder_tokens=tokens)["w"] for m in range(3)], dim=1)
+    assert together.shape == (3, 3, 6, 5)
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-6)

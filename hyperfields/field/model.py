@@ -134,12 +134,13 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         return stds
 
     def _delta_by_shape(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Delta(c, t) of each group of same-shape tensors, by shape key: (N, n_key, *shape)."""
-        phase = t.float() / self.steps  # bounded phase t/T, never raw t
-        cond = self.phase_embed(phase) + self.pool_proj(image_tokens.mean(dim=1))  # (N, D)
+        """Delta(c, t) of each group of same-shape tensors, by shape key: (N * M, n_key, *shape) for t (N, M)."""
+        phase = t.float().reshape(-1) / self.steps  # bounded phase t/T, never raw t; rows ordered (image, step)
+        image_cond = self.pool_proj(image_tokens.mean(dim=1))  # (N, D), once per image whatever M
         if self.spatial_rank > 0:
-            cond = cond + self.spatial_up(self.spatial_down(image_tokens).flatten(1))
-        x = self.tokens.unsqueeze(0).expand(image_tokens.shape[0], -1, -1)  # (N, W, D)
+            image_cond = image_cond + self.spatial_up(self.spatial_down(image_tokens).flatten(1))
+        cond = self.phase_embed(phase) + image_cond.repeat_interleave(t.shape[1], dim=0)  # (N * M, D)
+        x = self.tokens.unsqueeze(0).expand(phase.shape[0], -1, -1)  # (N * M, W, D)
         for block in self.blocks:
             x = block(x, image_tokens, cond)
         x = self.final(x, cond)  # (N, W, D)
@@ -158,8 +159,8 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         return {name: out[name] for name in self.names}
 
     def delta(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Delta(c, t) by name, each (N, *shape)."""
-        return self._by_name(self._delta_by_shape(image_tokens, t))
+        """Delta(c, t) by name, each (N, *shape), for t (N,)."""
+        return self._by_name(self._delta_by_shape(image_tokens, t.reshape(-1, 1)))
 
     def forward(
         self,
@@ -167,22 +168,29 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         images: torch.Tensor | None = None,
         encoder_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Psi(c, t) by name, each (N, *shape), from images or from a frozen encoder's tokens computed once."""
+        """Psi(c, t) by name, from images or from a frozen encoder's tokens computed once.
+
+        `t` is one step for all N images, one per image (N,), each (N, *shape); or M steps per image (N, M),
+        each (N, M, *shape), at the cost of one pass through the image side for all M.
+        """
         if encoder_tokens is None:
             if images is None:
                 raise ValueError("HyperField needs images or encoder_tokens")
             encoder_tokens = self.encoder(images)
         image_tokens = self.image_proj(encoder_tokens)
         n = image_tokens.shape[0]
-        t = torch.as_tensor(t, dtype=torch.float32, device=image_tokens.device).reshape(-1).expand(n)
+        t = torch.as_tensor(t, dtype=torch.float32, device=image_tokens.device)
+        several = t.ndim == 2
+        t = t if several else t.reshape(-1).expand(n).reshape(n, 1)  # (N, M)
         theta0 = self.theta0()
         psi = {}
         # Per shape group, not per tensor: a few ops whatever the number of LoRA layers.
         for key, delta in self._delta_by_shape(image_tokens, t).items():
             start = torch.stack([theta0[self.names[i]] for i in self.groups[key]])  # (n_key, *shape)
-            phase = (t / self.steps).view(n, *([1] * (delta.ndim - 1)))
+            phase = (t.reshape(-1) / self.steps).view(-1, *([1] * (delta.ndim - 1)))
             psi[key] = start + phase * delta
-        return self._by_name(psi)
+        by_name = self._by_name(psi)  # each (N * M, *shape)
+        return {name: w.view(n, t.shape[1], *w.shape[1:]) for name, w in by_name.items()} if several else by_name
 
     # ------------------------------------------------------------------------------------------- hub folders
     # field/io.py builds HyperFields, so it is imported where used rather than at the top.
