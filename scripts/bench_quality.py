@@ -11,7 +11,7 @@ PSNR in dB for --task inr, the task loss on fixed draws and the recovered fracti
 Without --train / --heldout the photos come from scikit-image (nothing is downloaded): training crops from one
 set of photos, held-out crops from others.
 
-Usage: python scripts/bench_quality.py --task inr --budget 128000 --json quality.json --plot quality.png
+Usage: python scripts/bench_quality.py --task inr --budget 128000 --baseline-fractions 1 --json quality.json --plot quality.png
 """
 
 from __future__ import annotations

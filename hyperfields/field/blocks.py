@@ -58,7 +58,7 @@ class FieldBlock(nn.Module):
         queries = h.reshape(n, -1, h.shape[-1])  # (N, M * W, D)
         attended = self.cross_attn(queries, image_tokens, image_tokens, need_weights=False)[0].reshape(h.shape)
         x = x + g2.unsqueeze(1) * attended
-        return x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, c3))  # (N, W, D)
+        return x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, c3))  # (N * M, W, D)
 
 
 class FinalLayer(nn.Module):

@@ -143,7 +143,7 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         x = self.tokens.unsqueeze(0).expand(phase.shape[0], -1, -1)  # (N * M, W, D)
         for block in self.blocks:
             x = block(x, image_tokens, cond)
-        x = self.final(x, cond)  # (N, W, D)
+        x = self.final(x, cond)  # (N * M, W, D)
         out = {}
         for key, indices in self.groups.items():
             generated = self.heads[key](x[:, indices]) * getattr(self, f"scale_{key}")  # (N, n_key, numel)
