@@ -149,7 +149,7 @@ def gradient_matching_loss(
     if objective.end_weight > 0:
         steps = torch.cat([steps, torch.full((n, 1), objective.steps, dtype=steps.dtype, device=t.device)], dim=1)
     psi = field(t=steps, **field_inputs)  # each (N, M, *shape)
-    at_T = {name: w[:, -1] for name, w in psi.items()}
+    at_T = {name: w[:, -1] for name, w in psi.items()} if objective.end_weight > 0 else None
     psi = {name: w[:, : rollout + 1].reshape(-1, *w.shape[2:]) for name, w in psi.items()}  # rows ordered (sample, k)
     groups = _shape_groups(psi)
     stacks = [s.view(n, rollout + 1, *s.shape[1:]) for s in _stack(psi, groups)]  # each (N, K+1, n, *shape)
