@@ -2,16 +2,17 @@
 
 Both fields get the same budget of task-gradient evaluations (one per sample and real update, whatever
 objective.noise_draws): gradient matching spends K = objective.rollout per sampled condition and optimiser step,
-K + 1 with objective.end_weight > 0, so it trains train.max_steps steps on batches of budget / (steps * that)
-conditions; the supervised baseline spends
-T per training image in `precompute` (budget / T images) and nothing while it regresses Psi(c, T) on them for the
-same number of optimiser steps. Both are then scored on held-out photos next to theta_0 and real optimisation:
+K + 1 with objective.end_weight > 0, so at the full budget it trains train.max_steps steps on batches of
+budget / (steps * that) conditions, and at a fraction f of it f * train.max_steps steps on batches of the same size
+(a shorter run, not a noisier one). The supervised baseline spends T per training image in `precompute`
+(f * budget / T images) and nothing while it regresses Psi(c, T) on them for the same number of optimiser steps
+on batches of the same size. Both are then scored on held-out photos next to theta_0 and real optimisation:
 PSNR in dB for --task inr, the task loss on fixed draws and the recovered fraction R for --task lora.
 
 Without --train / --heldout the photos come from scikit-image (nothing is downloaded): training crops from one
 set of photos, held-out crops from others.
 
-Usage: python scripts/bench_quality.py --task inr --budget 128000 --baseline-fractions 1 --json quality.json --plot quality.png
+Usage: python scripts/bench_quality.py --task inr --budget 128000 --json quality.json --plot quality.png
 """
 
 from __future__ import annotations
@@ -192,16 +193,18 @@ def main() -> None:
     print(f"held-out: {len(images)} images, real optimisation {score.name} {real_along_t[0]:.4g} -> {real_along_t[-1]:.4g} "
           f"in T={objective.steps} steps", flush=True)
 
+    per_condition = objective.rollout + (1 if objective.end_weight > 0 else 0)  # task gradients per condition
+    batch = max(1, args.budget // (steps * per_condition))
     runs = []
     for fraction in fractions:
         budget = int(args.budget * fraction)
-        per_condition = objective.rollout + (1 if objective.end_weight > 0 else 0)  # task gradients per condition
-        batch = max(1, budget // (steps * per_condition))
-        matching = load_config(args.config or Path(config_path), [*args.overrides, *fixed, f"train.batch_size={batch}"])
+        run_steps = max(1, round(steps * fraction))
+        shape = [f"train.batch_size={batch}", f"train.max_steps={run_steps}"]
+        matching = load_config(args.config or Path(config_path), [*args.overrides, *fixed, *shape])
         field_dir, matching_seconds = train_field(matching, train_dir, work / f"matching-{fraction:g}")
         field_along_t = field_scores(field_dir, images, score, grid)
         run = {"fraction": fraction, "budget": budget, "field_T": field_along_t[-1], "supervised_T": None,
-               "matching": {"batch": batch, "steps": steps, "gradients": batch * steps * per_condition, "seconds": matching_seconds},
+               "matching": {"batch": batch, "steps": run_steps, "gradients": batch * run_steps * per_condition, "seconds": matching_seconds},
                "supervised": None, "field_along_t": field_along_t}
         runs.append(run)
         if fraction not in baseline_fractions:
@@ -219,10 +222,10 @@ def main() -> None:
         precompute_seconds = time.perf_counter() - precompute_started
         supervised = load_config(args.config or Path(config_path), [
             *args.overrides, *fixed, "objective.kind=supervised", f"objective.precomputed={precomputed}",
-            f"train.batch_size={min(config.train.batch_size, n_images)}"])
+            f"train.batch_size={min(batch, n_images)}", f"train.max_steps={run_steps}"])
         supervised_dir, supervised_seconds = train_field(supervised, subset, work / f"supervised-{fraction:g}" / "run")
         run["supervised_T"] = field_scores(supervised_dir, images, score, [objective.steps])[0]
-        run["supervised"] = {"images": n_images, "steps": steps, "gradients": n_images * objective.steps,
+        run["supervised"] = {"images": n_images, "steps": run_steps, "gradients": n_images * objective.steps,
                              "seconds": precompute_seconds + supervised_seconds, "precompute_seconds": precompute_seconds}
         print(f"budget {budget}: field {runs[-1]['field_T']:.4g}, supervised {runs[-1]['supervised_T']:.4g} ({score.name})", flush=True)
 
