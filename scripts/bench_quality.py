@@ -162,8 +162,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    fractions = [float(f) for f in args.fractions.split(",")]
-    baseline_fractions = [float(f) for f in args.baseline_fractions.split(",")] if args.baseline_fractions else fractions
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        parser.error(f"--fractions {args.fractions}: expected numbers separated by commas, e.g. 0.25,1")
+    if not all(0 < f <= 1 for f in fractions):
+        parser.error(f"--fractions {args.fractions}: each fraction of the budget must be in (0, 1]")
+    if args.budget <= 0:
+        parser.error(f"--budget {args.budget}: must be positive")
+    try:
+        baseline_fractions = [float(f) for f in args.baseline_fractions.split(",")] if args.baseline_fractions else fractions
+    except ValueError:
+        parser.error(f"--baseline-fractions {args.baseline_fractions}: expected numbers separated by commas, e.g. 1")
     if max(fractions) not in baseline_fractions or not set(baseline_fractions) <= set(fractions):
         parser.error(f"--baseline-fractions {args.baseline_fractions}: must be among --fractions {args.fractions} and include the largest")
     started = time.perf_counter()
