@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -57,7 +58,10 @@ def _one_line(text: str) -> str:
 def _check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
     """Return (None, size) if `path` decodes fully, else (one-line reason it cannot be used, (0, 0))."""
     try:
-        if path.stat().st_size == 0:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the open below forever
+            return "not a regular file (a pipe, socket or device)", (0, 0)
+        if status.st_size == 0:
             return "empty file (0 bytes)", (0, 0)
         # Header-only open with Pillow's guard off, so we can report the real
         # W×H ourselves; Pillow's error for >2x the limit carries only a count.

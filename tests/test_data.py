@@ -141,10 +141,13 @@ def test_bad_files_are_skipped_with_one_warning_each(tmp_path: Path) -> None:
     buf.write_bytes(buf.read_bytes()[:300])
     os.symlink(tmp_path / "missing.png", tmp_path / "dangling.png")
     _bomb_png(tmp_path / "bomb.png")
+    bad = {"empty.jpg", "text.jpg", "noise.png", "truncated.jpg", "truncpng.png", "dangling.png", "bomb.png"}
+    if hasattr(os, "mkfifo"):  # opening a named pipe would block the scan forever
+        os.mkfifo(tmp_path / "pipe.png")
+        bad.add("pipe.png")
 
     report, warnings = _scan(tmp_path)
     assert [r.path for r in report.records] == [good]
-    bad = {"empty.jpg", "text.jpg", "noise.png", "truncated.jpg", "truncpng.png", "dangling.png", "bomb.png"}
     assert {p.name for p, _ in report.skipped} == bad
     assert len(warnings) == len(bad)
     for path, reason in report.skipped:
@@ -154,6 +157,7 @@ def test_bad_files_are_skipped_with_one_warning_each(tmp_path: Path) -> None:
     reasons = {p.name: r for p, r in report.skipped}
     assert reasons["bomb.png"] == "too large (30000×30000 pixels)"
     assert "0 bytes" in reasons["empty.jpg"]
+    assert "pipe.png" not in bad or reasons["pipe.png"].startswith("not a regular file")
 
 
 def test_unreadable_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
