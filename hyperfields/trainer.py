@@ -161,6 +161,9 @@ class Trainer:
                                 "'hyperfields precompute', e.g. --set objective.precomputed=runs/precomputed")
             self.theta_T = load_precomputed(Path(config.objective.precomputed), self.task, self.train_records, Path(data_dir),
                                             config.objective.steps)
+            if config.objective.end_weight > 0:
+                print0(acc, f"note: objective.end_weight={config.objective.end_weight:g} is part of gradient matching; "
+                            "objective.kind=supervised regresses Psi(c, T) on the precomputed weights alone")
         self.step = 0
         self.skipped_nonfinite = 0
         self.reference: HeldoutReference | None = None

@@ -71,6 +71,7 @@ def test_supervised_training_through_the_cli_fits_theta_T(photos, precomputed, t
                                  "--set", "objective.kind=supervised", "--set", f"objective.precomputed={precomputed}"])
     assert result.exit_code == 0, result.output
     assert "PSNR" in result.output
+    assert "objective.end_weight=300 is part of gradient matching" in " ".join(result.output.split())  # not silently dropped
     field, record = load_field(output / "field")
     index = json.loads((precomputed / "index.json").read_text())
     tensors = load_file(str(precomputed / "theta_T.safetensors"))
