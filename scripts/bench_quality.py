@@ -147,6 +147,17 @@ def field_scores(field_dir: Path, images: torch.Tensor, score: Scorer, steps: li
         return [score(field(t=t, encoder_tokens=tokens)) for t in steps]
 
 
+def parse_fractions(parser: argparse.ArgumentParser, option: str, text: str) -> list[float]:
+    """Comma-separated fractions of the budget, each in (0, 1]; a one-line usage error otherwise."""
+    try:
+        fractions = [float(f) for f in text.split(",")]
+    except ValueError:
+        parser.error(f"{option} {text}: expected numbers separated by commas, e.g. 0.25,1")
+    if not all(0 < f <= 1 for f in fractions):
+        parser.error(f"{option} {text}: each fraction of the budget must be in (0, 1]")
+    return fractions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(DEFAULTS), required=True)
@@ -162,18 +173,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    try:
-        fractions = [float(f) for f in args.fractions.split(",")]
-    except ValueError:
-        parser.error(f"--fractions {args.fractions}: expected numbers separated by commas, e.g. 0.25,1")
-    if not all(0 < f <= 1 for f in fractions):
-        parser.error(f"--fractions {args.fractions}: each fraction of the budget must be in (0, 1]")
+    fractions = parse_fractions(parser, "--fractions", args.fractions)
+    baseline_fractions = parse_fractions(parser, "--baseline-fractions", args.baseline_fractions) if args.baseline_fractions else fractions
     if args.budget <= 0:
         parser.error(f"--budget {args.budget}: must be positive")
-    try:
-        baseline_fractions = [float(f) for f in args.baseline_fractions.split(",")] if args.baseline_fractions else fractions
-    except ValueError:
-        parser.error(f"--baseline-fractions {args.baseline_fractions}: expected numbers separated by commas, e.g. 1")
     if max(fractions) not in baseline_fractions or not set(baseline_fractions) <= set(fractions):
         parser.error(f"--baseline-fractions {args.baseline_fractions}: must be among --fractions {args.fractions} and include the largest")
     started = time.perf_counter()

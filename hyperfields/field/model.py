@@ -146,7 +146,7 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         x = self.final(x, cond)  # (N * M, W, D)
         out = {}
         for key, indices in self.groups.items():
-            generated = self.heads[key](x[:, indices]) * getattr(self, f"scale_{key}")  # (N, n_key, numel)
+            generated = self.heads[key](x[:, indices]) * getattr(self, f"scale_{key}")  # (N * M, n_key, numel)
             out[key] = generated.view(*generated.shape[:2], *self.shapes[self.names[indices[0]]])
         return out
 
