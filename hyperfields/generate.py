@@ -23,7 +23,8 @@ from hyperfields.field.model import HyperField
 from hyperfields.files import atomic_write
 from hyperfields.lora.formats import LoraWeights, write_lora
 from hyperfields.lora.targets import layout_mismatch
-from hyperfields.models import cache_root, load_pipeline
+from hyperfields.models import load_pipeline
+from hyperfields.models.tiny import cache_root
 
 ADAPTER_NAME = "hyperfields"
 

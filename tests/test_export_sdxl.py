@@ -12,7 +12,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
-from hyperfields.models import TINY_XL, resolve_model_path
+from hyperfields.models import resolve_model_path
+from hyperfields.models.tiny import TINY_XL
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
