@@ -158,10 +158,6 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
             out.update({self.names[i]: tensor for i, tensor in zip(indices, by_shape[key].unbind(1))})
         return {name: out[name] for name in self.names}
 
-    def delta(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Delta(c, t) by name, each (N, *shape), for t (N,)."""
-        return self._by_name(self._delta_by_shape(image_tokens, t.reshape(-1, 1)))
-
     def forward(
         self,
         t: torch.Tensor | int | float,
