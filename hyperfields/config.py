@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, error_line
 
 
 @dataclass
@@ -231,7 +231,7 @@ def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) 
         except FileNotFoundError:
             raise UserError(f"config file '{path}' does not exist") from None
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise UserError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+            raise UserError(f"config file '{path}' is not valid YAML ({error_line(error)})") from None
         if not isinstance(values, dict):
             raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
     config = config_from_dict(values, where=str(path or "config"))

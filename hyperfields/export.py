@@ -9,7 +9,7 @@ from hyperfields.data import scan_image_folder
 from hyperfields.errors import UserError
 from hyperfields.field.model import HyperField
 from hyperfields.files import writable_folder
-from hyperfields.generate import predict_lora, read_photo
+from hyperfields.predict import predict_lora, read_photo
 from hyperfields.lora import LoraFormat
 from hyperfields.lora.formats import write_lora
 

@@ -16,26 +16,14 @@ import torch
 from PIL import Image
 
 import hyperfields
-from hyperfields.data import load_image
-from hyperfields.errors import UserError
 from hyperfields.field.io import field_state_dict
 from hyperfields.field.model import HyperField
-from hyperfields.files import atomic_write
-from hyperfields.lora.formats import LoraWeights, write_lora
-from hyperfields.lora.targets import layout_mismatch
+from hyperfields.files import atomic_write, cache_root
+from hyperfields.lora.formats import write_lora
 from hyperfields.models import load_pipeline
-from hyperfields.models.tiny import cache_root
+from hyperfields.predict import Photo, check_base_model, default_device, predict_lora
 
 ADAPTER_NAME = "hyperfields"
-
-
-@dataclass
-class Photo:
-    """A condition photo as the field sees it, with the sha256 of its file (it names the photo in headers and the cache)."""
-
-    path: Path
-    pixels: torch.Tensor  # (3, R, R) in [-1, 1]
-    sha256: str
 
 
 @dataclass
@@ -46,60 +34,6 @@ class Sampling:
     seed: int = 0  # every prompt starts from this seed, so rows of a contact sheet differ only by prompt
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def read_photo(path: Path, resolution: int) -> Photo:
-    """The photo at `path` centre-cropped to `resolution` as the field was trained; UserError when it is not a readable image."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"photo '{path}' does not exist or is not a file")
-    try:
-        data = path.read_bytes()
-        pixels = load_image(path, resolution)
-    except Exception as error:  # Pillow raises many types for broken files; all mean "not a usable photo"
-        reason = " ".join(str(error).split())[:200]
-        raise UserError(f"photo '{path}' cannot be read as an image ({type(error).__name__}: {reason})") from None
-    return Photo(path=path, pixels=pixels, sha256=hashlib.sha256(data).hexdigest())
-
-
-def resolve_step(steps: int, step: float | None = None, strength: float | None = None) -> float:
-    """The trajectory step t in [0, T]: `step` itself, `strength` * T (0 = base model, 1 = T), or T when neither is given."""
-    if step is not None and strength is not None:
-        raise UserError("give --step or --strength, not both")
-    if strength is not None:
-        if not 0.0 <= strength <= 1.0:
-            raise UserError(f"--strength {strength:g} is outside [0, 1] (0 = base model, 1 = the field's full trajectory)")
-        return strength * steps
-    if step is None:
-        return float(steps)
-    if not 0.0 <= step <= steps:
-        raise UserError(f"--step {step:g} is outside [0, {steps}] (the field was trained for T = {steps} steps)")
-    return float(step)
-
-
-def lora_metadata(record: dict[str, Any], t: float, photo: Photo) -> dict[str, str]:
-    """The provenance written into every LoRA file's header."""
-    return {
-        "hyperfields.version": hyperfields.__version__,
-        "hyperfields.base_model": str(record["base_model"]),
-        "hyperfields.step": f"{t:g}",
-        "hyperfields.steps": str(record["steps"]),
-        "hyperfields.photo_sha256": photo.sha256,
-    }
-
-
-@torch.no_grad()
-def predict_lora(field: HyperField, photo: Photo, t: float) -> LoraWeights:
-    """Psi(photo, t) as a LoRA with the field's trained alpha and provenance, on the CPU."""
-    device = next(field.parameters()).device
-    weights = field(t=t, images=photo.pixels.unsqueeze(0).to(device))
-    tensors = {name: w[0].float().cpu() for name, w in weights.items()}
-    return LoraWeights(tensors=tensors, alpha=float(field.record["alpha"]), metadata=lora_metadata(field.record, t, photo),
-                       sdxl_layers_per_block=field.record.get("sdxl_layers_per_block"))
 
 
 def field_fingerprint(field: HyperField) -> str:
@@ -122,14 +56,6 @@ def cached_lora_file(field: HyperField, photo: Photo, t: float, cache_dir: Path)
     if not path.is_file():  # written atomically, so a present file is complete
         write_lora(predict_lora(field, photo, t), path, "diffusers")
     return path
-
-
-def check_base_model(field: HyperField, unet: torch.nn.Module, base_model: str) -> None:
-    """Nothing when `unet` has every LoRA target of the field with the same shapes; else a one-line UserError."""
-    problem = layout_mismatch(field.shapes, unet)
-    if problem is not None:
-        raise UserError(f"the field was trained for base model '{field.record['base_model']}' and does not fit "
-                        f"base model '{base_model}': {problem}")
 
 
 def load_lora(pipeline: Any, path: Path) -> None:

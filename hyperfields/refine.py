@@ -14,7 +14,7 @@ import torch
 
 from hyperfields.config import LoraConfig, config_from_dict
 from hyperfields.field.model import HyperField
-from hyperfields.generate import Photo, check_base_model, predict_lora
+from hyperfields.predict import Photo, check_base_model, predict_lora
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
 from hyperfields.matching import real_trajectory

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
 from hyperfields.field.model import HyperField
-from hyperfields.generate import cached_lora_file, read_photo
+from hyperfields.generate import cached_lora_file
+from hyperfields.predict import read_photo
 from hyperfields.models import load_encoder
 from hyperfields.models.tiny import tiny_models_dir
 from tests.conftest import clean_exit

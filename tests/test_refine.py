@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from hyperfields.cli.main import app
 from hyperfields.config import LoraConfig
 from hyperfields.field.model import HyperField
-from hyperfields.generate import read_photo
+from hyperfields.predict import read_photo
 from hyperfields.inspection import inspect_field
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank

@@ -25,7 +25,7 @@ def export_command(
         raise UserError("give exactly one of --image PHOTO or --images DIR")
     from hyperfields.export import export_folder, export_photo
     from hyperfields.field.model import HyperField
-    from hyperfields.generate import default_device, resolve_step
+    from hyperfields.predict import default_device, resolve_step
 
     loaded = HyperField.from_pretrained(field, device=default_device())
     t = resolve_step(loaded.steps, step)

@@ -30,7 +30,8 @@ def generate_command(
     """Personalise the base model from one photo with the field's LoRA at step t, and sample images."""
     from hyperfields.field.model import HyperField
     from hyperfields.files import writable_folder
-    from hyperfields.generate import Sampling, default_device, generate, lora_cache_dir, read_photo, resolve_step, write_images
+    from hyperfields.generate import Sampling, generate, lora_cache_dir, write_images
+    from hyperfields.predict import default_device, read_photo, resolve_step
 
     loaded = HyperField.from_pretrained(field, device=default_device())
     photo = read_photo(image, loaded.record["resolution"])

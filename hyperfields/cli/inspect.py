@@ -22,7 +22,7 @@ def inspect_command(
     from rich.table import Table
 
     from hyperfields.field.model import HyperField
-    from hyperfields.generate import check_base_model, default_device, read_photo
+    from hyperfields.predict import check_base_model, default_device, read_photo
     from hyperfields.inspection import inspect_field, inspection_steps
     from hyperfields.models import load_pipeline_components
 

@@ -25,7 +25,7 @@ def refine_command(
     """Continue the per-subject optimisation from the field's prediction for a photo, and write the LoRA."""
     from hyperfields.field.model import HyperField
     from hyperfields.files import writable_folder
-    from hyperfields.generate import default_device, read_photo
+    from hyperfields.predict import default_device, read_photo
     from hyperfields.lora.formats import write_lora
     from hyperfields.refine import refine
 

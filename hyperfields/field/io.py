@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,10 +13,10 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, error_line
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
-from hyperfields.files import replace_folder
+from hyperfields.files import write_folder
 from hyperfields.models import load_encoder
 
 FORMAT = "hyperfields-field"
@@ -60,16 +58,8 @@ def write_field_files(field: HyperField, folder: Path) -> None:
 
 def save_field(field: HyperField, folder: Path, record: dict[str, Any]) -> Path:
     """The field folder, written atomically by save_pretrained into a temporary sibling renamed into place once complete."""
-    folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     field.record = {"format": FORMAT, "format_version": 1, **record, "versions": package_versions()}
-    try:
-        field.save_pretrained(staging)
-    except OSError as error:  # disk full, quota: leave nothing behind, under the final name or beside it
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write the field to '{folder}' ({error.strerror or error})") from None
-    return replace_folder(staging, folder)
+    return write_folder(Path(folder), field.save_pretrained)
 
 
 def resolve_field_folder(name: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
@@ -86,8 +76,7 @@ def resolve_field_folder(name: str | Path, revision: str | None = None, cache_di
         snapshot = snapshot_download(str(name), revision=revision, cache_dir=cache_dir, force_download=force_download,
                                      local_files_only=local_files_only, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
     except Exception as error:  # offline, unknown repo, malformed id: all mean the same thing to the user
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"field '{name}': no such folder, and not a hub model id that can be downloaded ({type(error).__name__}: {reason})") from None
+        raise UserError(f"field '{name}': no such folder, and not a hub model id that can be downloaded ({error_line(error)})") from None
     return Path(snapshot)
 
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, error_line
 from hyperfields.models.tiny import TINY, TINY_XL, tiny_models_dir
 
 # transformers renamed torch_dtype to dtype in 4.56 and warns on the old name from 5.0.
@@ -62,13 +62,6 @@ def resolve_model_path(name: str, kind: Literal["pipeline", "encoder"]) -> str:
     return name
 
 
-def _reason(exc: BaseException) -> str:
-    # Library errors run to many lines; the first one says what went wrong.
-    lines = str(exc).strip().splitlines()
-    first = lines[0] if lines else ""
-    return f"{type(exc).__name__}: {first[:200]}"
-
-
 def _pipeline_error(base_model: str, path: str, exc: BaseException) -> UserError:
     local = Path(path)
     if local.is_dir() and (local / "unet" / "config.json").is_file():
@@ -77,7 +70,7 @@ def _pipeline_error(base_model: str, path: str, exc: BaseException) -> UserError
         what = f"{path} is not a diffusers Stable Diffusion folder (no unet/config.json)"
     else:
         what = "not a diffusers Stable Diffusion folder (no unet/config.json) and not reachable as a hub id"
-    return UserError(f"base model {base_model!r}: {what} ({_reason(exc)})")
+    return UserError(f"base model {base_model!r}: {what} ({error_line(exc)})")
 
 
 def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
@@ -173,7 +166,7 @@ def load_encoder(encoder: str, dtype: torch.dtype = torch.float32) -> tuple[torc
             what = f"{path} is not a transformers vision model folder (config.json with model_type, weights)"
         else:
             what = "not a local transformers model folder and not reachable as a hub id"
-        raise UserError(f"encoder {encoder!r}: {what} ({_reason(exc)})") from exc
+        raise UserError(f"encoder {encoder!r}: {what} ({error_line(exc)})") from exc
     # Text-image models would otherwise need text inputs in forward(); only the vision tower is wanted.
     vision = getattr(model, "vision_model", None)
     if isinstance(vision, torch.nn.Module):

@@ -8,16 +8,14 @@ loaded like any real checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hyperfields.errors import UserError
+from hyperfields.files import cache_root, write_folder
 
 TINY = "tiny"
 TINY_XL = "tiny-xl"
@@ -152,47 +150,19 @@ def _save_encoder(directory: Path, seed: int) -> None:
     Processor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
 
 
-def _staging_for(final: Path) -> Path:
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only, and it becomes the final, shareable folder
-    return staging
-
-
-def _install(final: Path, build: Callable[[Path], None]) -> None:
-    """Builds into a hidden sibling and renames it into place, so `final` is either absent or complete."""
-    staging = _staging_for(final)
-    try:
-        build(staging)
-        if final.exists():
-            # rename() only replaces an empty directory, so move the old one aside first.
-            trash = staging.with_name(staging.name + ".old")
-            os.replace(final, trash)
-            os.replace(staging, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def write_tiny_models(directory: Path, seed: int = 0) -> None:
     """Writes seeded random tiny models: `directory/pipeline` (Stable Diffusion), `directory/pipeline-xl` (SDXL)
     and `directory/encoder` (ViT)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _install(directory / "pipeline", lambda d: _save_pipeline(d, seed))
-    _install(directory / "pipeline-xl", lambda d: _save_pipeline_xl(d, seed))
-    _install(directory / "encoder", lambda d: _save_encoder(d, seed))
+    write_folder(directory / "pipeline", lambda d: _save_pipeline(d, seed))
+    write_folder(directory / "pipeline-xl", lambda d: _save_pipeline_xl(d, seed))
+    write_folder(directory / "encoder", lambda d: _save_encoder(d, seed))
 
 
 def _tiny_complete(directory: Path) -> bool:
     pipelines = all((directory / name / "model_index.json").is_file() for name in ("pipeline", "pipeline-xl"))
     return pipelines and (directory / "encoder" / "config.json").is_file()
-
-
-def cache_root() -> Path:
-    """Returns the folder hyperfields caches into: $HYPERFIELDS_CACHE, else ~/.cache/hyperfields."""
-    return Path(os.environ.get("HYPERFIELDS_CACHE") or Path.home() / ".cache" / "hyperfields").expanduser()
 
 
 def tiny_models_dir() -> Path:
@@ -201,16 +171,8 @@ def tiny_models_dir() -> Path:
     target = root / _TINY_VERSION
     if _tiny_complete(target):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = _staging_for(target)
-    try:
-        write_tiny_models(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # Another process finished first: its copy is identical (same seed), so keep it.
-            if not _tiny_complete(target):
-                raise UserError(f"tiny model cache {target} exists but is incomplete; delete it and retry") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Another process may finish first: its copy is identical (same seed), so it is kept.
+    write_folder(target, write_tiny_models, keep_existing=True)
+    if not _tiny_complete(target):
+        raise UserError(f"tiny model cache {target} exists but is incomplete; delete it and retry")
     return target
