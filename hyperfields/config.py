@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from hyperfields.errors import UserError, error_line
+from hyperfields.lora import DEFAULT_TARGETS
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    targets: list[str] = dc_field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    targets: list[str] = dc_field(default_factory=lambda: list(DEFAULT_TARGETS))  # module name suffixes, or re:<regex>
     rank: int = 4  # LoRA rank r
     alpha: float = 4.0  # LoRA scale is alpha / rank
     init_seed: int = 0  # seed of the fixed non-zero A_0 (theta_0); B_0 = 0
