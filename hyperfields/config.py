@@ -239,7 +239,7 @@ def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) 
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
-            raise UserError(f"--set '{override}': expected key=value, e.g. train.max_steps=100")
+            raise UserError(f"override '{override}': expected key=value, e.g. train.max_steps=100")
         _set(config, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     _validate(config)
     return config
