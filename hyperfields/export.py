@@ -1,45 +1,64 @@
-"""LoRA files from a field: one photo to one file, or a folder of photos to a folder of files (one per photo)."""
+"""Files of predicted weights: one photo to one file, or a folder of photos to a folder of files (one per photo).
+
+A LoRA field writes LoRA files (diffusers or kohya); a field of another task writes its tensors under their own names.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from hyperfields.data import scan_image_folder
 from hyperfields.errors import UserError
+from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
-from hyperfields.files import writable_folder
-from hyperfields.predict import predict_lora, read_photo
+from hyperfields.files import atomic_write, writable_folder
 from hyperfields.lora import LoraFormat
 from hyperfields.lora.formats import write_lora
+from hyperfields.predict import Photo, predict_lora, predicted_weights, prediction_metadata, read_photo
 
 SUFFIX = ".safetensors"
 
 
-def export_photo(field: HyperField, photo_path: Path, out: Path, t: float, format: LoraFormat) -> Path:
-    """The LoRA file `out` holding Psi(photo, t) in `format`, written atomically."""
+def write_prediction(field: HyperField, record: FieldRecord, photo: Photo, t: float, path: Path,
+                     format: LoraFormat) -> Path:
+    """`path`, holding Psi(photo, t): a LoRA file in `format` for a LoRA field, else the tensors by name; atomic."""
+    if record.task == "lora":
+        return write_lora(predict_lora(field, record, photo, t), path, format)
+    tensors = {name: w.contiguous() for name, w in predicted_weights(field, photo, t).items()}
+    header = {"format": "pt", **prediction_metadata(record, t, photo)}
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
+
+
+def export_photo(field: HyperField, record: FieldRecord, photo_path: Path, out: Path, t: float,
+                 format: LoraFormat = "diffusers") -> Path:
+    """The file `out` holding Psi(photo, t) (in `format` for a LoRA field), written atomically."""
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"--out '{out}' is a folder; give the path of the {SUFFIX} file to write (or use --images DIR)")
-    photo = read_photo(photo_path, field.record["resolution"])
+        raise UserError(f"output '{out}' is a folder; give the path of the {SUFFIX} file to write, "
+                        "or export a folder of photos into it")
+    photo = read_photo(photo_path, record.resolution)
     writable_folder(out.parent)
-    return write_lora(predict_lora(field, photo, t), out, format)
+    return write_prediction(field, record, photo, t, out, format)
 
 
-def export_folder(field: HyperField, folder: Path, out: Path, t: float, format: LoraFormat,
-                  warn: Callable[[str], None] | None = None) -> list[Path]:
-    """The LoRA files written into folder `out`, one per usable photo under `folder`, named by the photo's path there."""
+def export_folder(field: HyperField, record: FieldRecord, folder: Path, out: Path, t: float,
+                  format: LoraFormat = "diffusers", warn: Callable[[str], None] | None = None) -> list[Path]:
+    """The files written into folder `out`, one per usable photo under `folder`, named by the photo's path there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; --images writes one LoRA per photo into a folder")
+        raise UserError(f"output '{out}' is a file; a folder of photos is exported into a folder, one file per photo")
     records = scan_image_folder(Path(folder), warn=warn).records
     targets: dict[Path, Path] = {}
-    for record in records:
-        name = out / record.path.relative_to(folder).with_suffix(SUFFIX)
+    for image in records:
+        name = out / image.path.relative_to(folder).with_suffix(SUFFIX)
         if name in targets.values():
             other = next(photo for photo, target in targets.items() if target == name)
-            raise UserError(f"photos '{other}' and '{record.path}' would both be exported to '{name}'; rename one of them")
-        targets[record.path] = name
+            raise UserError(f"photos '{other}' and '{image.path}' would both be exported to '{name}'; "
+                            "rename one of them")
+        targets[image.path] = name
     writable_folder(out)
-    return [write_lora(predict_lora(field, read_photo(photo, field.record["resolution"]), t), name, format)
+    return [write_prediction(field, record, read_photo(photo, record.resolution), t, name, format)
             for photo, name in targets.items()]

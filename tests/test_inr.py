@@ -105,4 +105,4 @@ def test_train_command_fits_crops_with_the_inr_config(tmp_path):
     assert result.exit_code == 0, result.output
     assert "held-out PSNR" in result.output
     field, record = load_field(tmp_path / "run" / "field")
-    assert record["task"] == "inr" and set(record["layout"]) == set(InrTask(InrConfig(), 16).layout())
+    assert record.task == "inr" and set(record.layout) == set(InrTask(InrConfig(), 16).layout())

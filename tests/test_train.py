@@ -120,7 +120,7 @@ def test_training_options_run_end_to_end(photos, tmp_path, options):
     result = run_train(photos, tmp_path / "run", "--max-steps", "2", *options)
     assert result.exit_code == 0, result.output
     field, record = load_field(tmp_path / "run" / "field")
-    assert record["trained_steps"] == 2
+    assert record.trained_steps == 2
     assert all(torch.isfinite(p).all() for p in field.parameters())
 
 

@@ -28,6 +28,7 @@ class PipelineParts:
     noise_scheduler: Any
     text_encoder_2: Any = None  # SDXL only: the second text encoder (with projection) and its tokenizer
     tokenizer_2: Any = None
+    name: str = ""  # what they were loaded from: hub id, folder or "tiny"
 
     @property
     def is_sdxl(self) -> bool:
@@ -115,7 +116,7 @@ def load_pipeline_components(base_model: str, dtype: torch.dtype = torch.float32
         if module is not None:
             module.requires_grad_(False)
             module.eval()
-    return PipelineParts(unet, vae, text_encoder, tokenizer, noise_scheduler, **extra)
+    return PipelineParts(unet, vae, text_encoder, tokenizer, noise_scheduler, **extra, name=base_model)
 
 
 def _side(size: Any) -> int | None:

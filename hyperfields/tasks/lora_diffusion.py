@@ -52,6 +52,12 @@ class LoraDiffusionTask:
         """For an SDXL UNet, its layers per block (kohya files name SDXL modules by the SGM layout); else None."""
         return int(self.parts.unet.config.layers_per_block) if self.parts.is_sdxl else None
 
+    def record(self) -> dict[str, Any]:
+        """The base model, the LoRA's targets, rank, alpha and A_0 seed, and SDXL's layers per block (kohya names)."""
+        return {"base_model": self.parts.name, "targets": self.targets,
+                "sdxl_layers_per_block": self.sdxl_layers_per_block(), "rank": self.config.rank,
+                "alpha": self.config.alpha, "init_seed": self.config.init_seed}
+
     def layout(self) -> dict[str, tuple[int, ...]]:
         return dict(self._layout)
 
