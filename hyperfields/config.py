@@ -56,9 +56,15 @@ class FieldConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["matching", "supervised"] = "matching"  # gradient matching or two-phase regression
+    # "matching" = gradient matching along the trajectory; "direct" = end-to-end training of Psi(c, T) on the task
+    # loss alone (no trajectory before T); "supervised" = two-phase regression of Psi(c, T) on precomputed weights.
+    kind: Literal["matching", "direct", "supervised"] = "matching"
     steps: int = 50  # T: length of the per-subject optimisation the field models
-    step_size: float = 0.05  # eta of the per-subject update
+    step_size: float = 0.05  # eta of the per-subject update (at t = 0 with a schedule)
+    # How eta changes along t: "constant", or "cosine" from eta at t = 0 to final_step_fraction x eta at t = T, so the
+    # normalised update shrinks and the real path converges instead of zig-zagging around the optimum late.
+    schedule: Literal["constant", "cosine"] = "constant"
+    final_step_fraction: float = 0.1  # schedule=cosine: eta at T (and in refinement beyond T) relative to eta
     update: Literal["sgd", "normalized", "sign"] = "normalized"  # update rule u
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
@@ -70,6 +76,10 @@ class ObjectiveConfig:
     # Adds end_weight x the task loss at Psi(c, T), relative to theta_0's, to gradient matching: better weights at T,
     # at the price of following the trajectory less closely before T; one more task gradient per condition.
     end_weight: float = 0.0
+    # Adds hinge_weight x relu(log L(Psi(c, t+1)) - log L(real update from Psi(c, t))), on the same draws: every step
+    # of the field must do at least as well on the task as the real update from its own start. Two more task
+    # evaluations per condition (a gradient and a forward pass).
+    hinge_weight: float = 0.0
     precomputed: str = ""  # kind=supervised: folder written by `hyperfields precompute` (theta_T per training image)
 
 
@@ -191,11 +201,13 @@ def _validate(config: Config) -> None:
         raise UserError(f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}")
     if config.objective.rollout >= config.objective.steps:
         raise UserError(f"config key 'objective.rollout': {config.objective.rollout} must be below objective.steps={config.objective.steps}")
+    if config.objective.final_step_fraction > 1:
+        raise UserError(f"config key 'objective.final_step_fraction': must be at most 1, got {config.objective.final_step_fraction}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
                 "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm", "objective.end_weight", "inr.pixels", "field.spatial_rank"):
+                "objective.max_step_norm", "objective.end_weight", "objective.hinge_weight", "objective.final_step_fraction", "inr.pixels", "field.spatial_rank"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")

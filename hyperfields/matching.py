@@ -1,4 +1,5 @@
-"""Training objectives of the field: gradient matching along the trajectory, and supervised regression."""
+"""Training objectives of the field: gradient matching along the trajectory, end-to-end training at T, and
+supervised regression on precomputed weights."""
 
 from __future__ import annotations
 
@@ -76,14 +77,26 @@ def task_gradients(task: Task, weights: Weights, inputs: Any, draws: int, genera
     return dict(zip(leaves, grads)), losses.detach()
 
 
+def step_size(objective: ObjectiveConfig, t: torch.Tensor) -> torch.Tensor:
+    """eta_t of the update from step t to t + 1, per sample: constant, or a cosine from eta at t = 0 to
+    objective.final_step_fraction * eta at t = T, where it stays (refinement beyond T)."""
+    if objective.schedule == "constant":
+        return torch.full_like(t, objective.step_size, dtype=torch.float32)
+    phase = (t.float() / objective.steps).clamp(max=1.0)
+    floor = objective.final_step_fraction
+    return objective.step_size * (floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.pi * phase)))
+
+
 def real_trajectory(
     task: Task, start: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator, steps: int,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None, first_step: torch.Tensor | int = 0,
 ) -> tuple[list[Weights], torch.Tensor]:
-    """The weights after each of `steps` real updates from `start` (theta_{k+1} = theta_k - eta * u(grad)),
-    and the per-sample task loss (N,) at `start`."""
+    """The weights after each of `steps` real updates from `start`, which is at step `first_step` (per sample or one
+    for all): theta_{k+1} = theta_k - eta_k * u(grad); and the per-sample task loss (N,) at `start`."""
     theta = {name: w.detach() for name, w in start.items()}
     groups = _shape_groups(theta)
+    n = next(iter(theta.values())).shape[0]
+    at = torch.as_tensor(first_step, device=next(iter(theta.values())).device).expand(n)
     trajectory, start_losses = [], None
     for k in range(steps):
         grads, losses = task_gradients(task, theta, inputs, objective.noise_draws, generator)
@@ -91,8 +104,9 @@ def real_trajectory(
         if not _all_finite([losses, *stacked]):
             raise NonFiniteError("non-finite task loss or gradient in a real update")
         start_losses = losses if start_losses is None else start_losses
+        eta = step_size(objective, at + k)  # (N,)
         max_norm = objective.max_step_norm / objective.step_size
-        updated = [w - objective.step_size * _cap(_direction(g, objective.update), max_norm)
+        updated = [w - eta.view(n, *([1] * (w.ndim - 1))) * _cap(_direction(g, objective.update), max_norm)
                    for w, g in zip(_stack(theta, groups), stacked)]
         theta = _unstack(updated, groups, start)
         trajectory.append(theta)
@@ -156,7 +170,8 @@ def gradient_matching_loss(
     theta_hat = [s[:, 0].detach() for s in stacks]
     if not _all_finite(theta_hat):
         raise NonFiniteError("non-finite field output")
-    targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout)
+    targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout,
+                                           first_step=t)
     real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
     # "position" (DESIGN 1): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
@@ -166,19 +181,46 @@ def gradient_matching_loss(
         _stacked_step_loss([s[:, k + 1] - s0 for s, s0 in zip(stacks, start)], real_steps[k], objective.loss)
         for k in range(rollout)
     ]).mean()
+    if objective.hinge_weight > 0:
+        psi_next = _unstack([s[:, 1] for s in stacks], groups, psi)
+        loss = loss + objective.hinge_weight * hinge_loss(task, psi_next, targets[0], inputs, objective, generator)
     if objective.end_weight > 0:
         loss = loss + objective.end_weight * end_loss(task, at_T, inputs, objective, generator)
     step_norm = torch.cat([_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()
     return MatchingStats(loss=loss, task_loss=float(task_losses.mean()), step_norm=float(step_norm))
 
 
+def hinge_loss(task: Task, predicted: Weights, target: Weights, inputs: Any, objective: ObjectiveConfig,
+               generator: torch.Generator) -> torch.Tensor:
+    """Mean over samples of relu(log L(Psi(c, t+1)) - log L(target)): the field's step must do at least as well on the
+    task as the real update from its own start, in dB of the loss; both scored on the same draws."""
+    state = generator.get_state()
+    with torch.no_grad():
+        floor = task.loss(target, inputs, objective.noise_draws, generator)
+    generator.set_state(state)
+    reached = task.loss(predicted, inputs, objective.noise_draws, generator)
+    return torch.relu(torch.log(reached.clamp_min(EPS)) - torch.log(floor.clamp_min(EPS))).mean()
+
+
 def end_loss(task: Task, at_T: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator) -> torch.Tensor:
-    """Mean over samples of the task loss at Psi(c, T) (`at_T`, with grad) over the loss at theta_0."""
+    """Mean over samples of the task loss at Psi(c, T) (`at_T`, with grad) over the loss at theta_0, on the same draws."""
     first = next(iter(at_T.values()))
     theta0 = {name: w.to(first.device).expand(first.shape[0], *w.shape) for name, w in task.initial_weights().items()}
+    # Common random numbers: a diffusion loss varies by orders of magnitude with its noise and timestep draws, so
+    # the normaliser is theta_0's loss on the very draws Psi(c, T) is scored on, not on draws of its own.
+    state = generator.get_state()
     with torch.no_grad():
         start = task.loss(theta0, inputs, objective.noise_draws, generator)
+    generator.set_state(state)
     return (task.loss(at_T, inputs, objective.noise_draws, generator) / start.clamp_min(EPS)).mean()
+
+
+def direct_loss(
+    field: Callable[..., Weights], task: Task, field_inputs: dict[str, torch.Tensor], inputs: Any,
+    objective: ObjectiveConfig, generator: torch.Generator,
+) -> torch.Tensor:
+    """End-to-end training at T: the mean task loss at Psi(c, T), with the gradient through the task into the field."""
+    return task.loss(field(t=objective.steps, **field_inputs), inputs, objective.noise_draws, generator).mean()
 
 
 def supervised_loss(field: Callable[..., Weights], field_inputs: dict[str, torch.Tensor], theta_T: Weights, steps: int, theta0: Weights) -> torch.Tensor:

@@ -21,6 +21,7 @@ from hyperfields.matching import real_trajectory
 from hyperfields.models import load_pipeline_components
 from hyperfields.tasks.base import Weights
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from hyperfields.streams import stream
 
 
 @dataclass
@@ -54,12 +55,12 @@ def refine(field: HyperField, photo: Photo, steps: int, base_model: str, rank: i
     inputs = task.prepare(photo.pixels.unsqueeze(0).to(device), [caption])
 
     def evaluation_loss(weights: Weights) -> float:
-        generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
-            return float(task.loss(weights, inputs, eval_draws, generator).mean())
+            return float(task.loss(weights, inputs, eval_draws, stream(seed, "evaluation", device=device)).mean())
 
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
-    trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step)
+    generator = stream(seed, "refine", device=device)
+    trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step,
+                                    first_step=objective.steps)  # refinement continues the trajectory after T
     refined = LoraWeights(
         tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()}, alpha=start.alpha,
         metadata={**predicted.metadata, "hyperfields.refine_steps": str(steps)},
