@@ -54,7 +54,7 @@ def test_kohya_and_diffusers_files_fuse_to_the_same_weights_with_the_trained_alp
     base, from_diffusers, from_kohya = (fused_unet_weights(f) for f in (None, tmp_path / "d.safetensors", tmp_path / "k.safetensors"))
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as file:
         key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-        a, b = file.get_tensor(f"unet.{key}.lora_A.weight").float(), file.get_tensor(f"unet.{key}.lora_B.weight").float()
+        a, b = (file.get_tensor(f"unet.{key}.lora_{factor}.weight").float() for factor in "AB")
     # alpha 8 at rank 4: diffusers must apply scale 2, not the alpha = r default of 1.
     assert torch.allclose(from_diffusers[f"{key}.weight"] - base[f"{key}.weight"], 2.0 * b @ a, atol=1e-6)
     changed = 0
@@ -118,7 +118,8 @@ def test_an_fp16_file_gives_the_images_of_the_fp32_file(trained, tmp_path):
         pipe.set_progress_bar_config(disable=True)
         if lora_file is not None:
             pipe.load_lora_weights(str(lora_file))
-        return pipe("a photo of sks", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a photo of sks", num_inference_steps=4, generator=generator, output_type="np").images
 
     for precision in ("fp16", "fp32"):
         export(trained, tmp_path / f"{precision}.safetensors", "--image", str(trained.photo), "--precision", precision)

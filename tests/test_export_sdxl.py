@@ -1,5 +1,5 @@
-"""An SDXL field's kohya file uses the SGM module names sd-scripts writes, diffusers fuses it like the diffusers file, and
-both say they are for SDXL the way A1111 and ComfyUI read it."""
+"""An SDXL field's kohya file uses the SGM module names sd-scripts writes, diffusers fuses it like the diffusers file,
+and both say they are for SDXL the way A1111 and ComfyUI read it."""
 
 from __future__ import annotations
 
