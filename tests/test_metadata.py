@@ -15,6 +15,7 @@ from transformers import CLIPTextModel
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
+from hyperfields.lora.formats import BaseModelFamily
 from hyperfields.models import tiny_models_dir
 from tests.conftest import clean_exit
 from tests.tiny_field import OVERRIDES, ROOT, TinyField, tiny_field
@@ -48,6 +49,26 @@ def modelspec(header: dict[str, str]) -> dict[str, str]:
     """The ModelSpec keys that describe the base model and the subject (not the file's own name, date or key names)."""
     own = {"modelspec.title", "modelspec.date", "modelspec.implementation"}
     return {k: v for k, v in header.items() if k.startswith("modelspec.") and k not in own}
+
+
+# The UNet and scheduler config values that tell the published bases apart (their unet/config.json and
+# scheduler/scheduler_config.json on the hub), and what sd-scripts calls each.
+PUBLISHED_BASES = {
+    "runwayml/stable-diffusion-v1-5": ({"cross_attention_dim": 768}, "epsilon", "sd_v1", "stable-diffusion-v1/lora"),
+    "stabilityai/stable-diffusion-2-1-base": ({"cross_attention_dim": 1024}, "epsilon", "sd_v2",
+                                              "stable-diffusion-v2-512/lora"),
+    "stabilityai/stable-diffusion-2-1": ({"cross_attention_dim": 1024}, "v_prediction", "sd_v2_v",
+                                         "stable-diffusion-v2-768-v/lora"),
+    "stabilityai/stable-diffusion-xl-base-1.0": ({"cross_attention_dim": 2048, "addition_embed_type": "text_time"},
+                                                 "epsilon", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+}
+
+
+@pytest.mark.parametrize("base", list(PUBLISHED_BASES))
+def test_each_published_base_gets_the_version_and_architecture_sd_scripts_writes_for_it(base):
+    unet_config, prediction_type, version, architecture = PUBLISHED_BASES[base]
+    family = BaseModelFamily.from_configs(unet_config, {"prediction_type": prediction_type})
+    assert (family.base_model_version, family.architecture) == (version, architecture)
 
 
 @pytest.fixture(scope="module")
