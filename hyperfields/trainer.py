@@ -327,6 +327,7 @@ class Trainer:
             "layout": {name: list(shape) for name, shape in self.task.layout().items()},
             "task": config.model.task, "targets": getattr(self.task, "targets", None),
             "sdxl_layers_per_block": self.task.sdxl_layers_per_block() if hasattr(self.task, "sdxl_layers_per_block") else None, "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
+            "base_family": dataclasses.asdict(self.task.base_family()) if hasattr(self.task, "base_family") else None,
             "steps": config.objective.steps, "step_size": config.objective.step_size, "update": config.objective.update,
             "resolution": config.model.resolution, "caption_template": config.data.caption_template, "token": config.data.token,
             "field": dataclasses.asdict(config.field),

@@ -9,6 +9,10 @@ import typer
 
 from hyperfields.cli.common import FieldOption, LoraFormatOption, StepOption, reports_errors
 from hyperfields.errors import UserError
+from hyperfields.lora import LoraPrecision
+
+PrecisionOption = Annotated[LoraPrecision, typer.Option(
+    "--precision", help="Number type of the stored weights: fp16 (as shared LoRAs are; half of fp32), bf16 or fp32.")]
 
 
 @reports_errors
@@ -19,6 +23,7 @@ def export_command(
     images: Annotated[Path | None, typer.Option("--images", help="A folder of photos: one LoRA file each, named like the photo.")] = None,
     format: LoraFormatOption = "diffusers",
     step: StepOption = None,
+    precision: PrecisionOption = "fp16",
 ) -> None:
     """Write the LoRA the field predicts for a photo, in a format diffusers, A1111 or ComfyUI load."""
     if (image is None) == (images is None):
@@ -30,8 +35,10 @@ def export_command(
     loaded = HyperField.from_pretrained(field, device=default_device())
     t = resolve_step(loaded.steps, step)
     if image is not None:
-        written = [export_photo(loaded, image, out, t, format)]
+        written = [export_photo(loaded, image, out, t, format, precision)]
     else:
-        written = export_folder(loaded, images, out, t, format, warn=lambda message: typer.echo(message, err=True))
-    what = f"{format} LoRA '{written[0]}'" if image is not None else f"{len(written)} {format} LoRA files to '{out}'"
+        written = export_folder(loaded, images, out, t, format, precision,
+                                warn=lambda message: typer.echo(message, err=True))
+    kind = f"{format} {precision} LoRA"
+    what = f"{kind} '{written[0]}'" if image is not None else f"{len(written)} {kind} files to '{out}'"
     typer.echo(f"wrote {what} (t = {t:g} of T = {loaded.steps})")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hyperfields.config import LoraConfig
 from hyperfields.errors import UserError
 from hyperfields.lora.batched import BatchedLora
+from hyperfields.lora.formats import BaseModelFamily
 from hyperfields.lora.targets import find_lora_targets, lora_layout
 from hyperfields.models import PipelineParts
 from hyperfields.tasks.base import Weights
@@ -51,6 +52,10 @@ class LoraDiffusionTask:
     def sdxl_layers_per_block(self) -> int | None:
         """For an SDXL UNet, its layers per block (kohya files name SDXL modules by the SGM layout); else None."""
         return int(self.parts.unet.config.layers_per_block) if self.parts.is_sdxl else None
+
+    def base_family(self) -> BaseModelFamily:
+        """Which Stable Diffusion the base model is (1.x, 2.x or XL; noise or v-prediction), to label LoRA files."""
+        return BaseModelFamily.from_configs(self.parts.unet.config, self.parts.noise_scheduler.config)
 
     def layout(self) -> dict[str, tuple[int, ...]]:
         return dict(self._layout)
