@@ -60,11 +60,7 @@ class ObjectiveConfig:
     # loss alone (no trajectory before T); "supervised" = two-phase regression of Psi(c, T) on precomputed weights.
     kind: Literal["matching", "direct", "supervised"] = "matching"
     steps: int = 50  # T: length of the per-subject optimisation the field models
-    step_size: float = 0.05  # eta of the per-subject update (at t = 0 with a schedule)
-    # How eta changes along t: "constant", or "cosine" from eta at t = 0 to final_step_fraction x eta at t = T, so the
-    # normalised update shrinks and the real path converges instead of zig-zagging around the optimum late.
-    schedule: Literal["constant", "cosine"] = "constant"
-    final_step_fraction: float = 0.1  # schedule=cosine: eta at T (and in refinement beyond T) relative to eta
+    step_size: float = 0.05  # eta of the per-subject update
     update: Literal["sgd", "normalized", "sign"] = "normalized"  # update rule u
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
@@ -201,13 +197,11 @@ def _validate(config: Config) -> None:
         raise UserError(f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}")
     if config.objective.rollout >= config.objective.steps:
         raise UserError(f"config key 'objective.rollout': {config.objective.rollout} must be below objective.steps={config.objective.steps}")
-    if config.objective.final_step_fraction > 1:
-        raise UserError(f"config key 'objective.final_step_fraction': must be at most 1, got {config.objective.final_step_fraction}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
                 "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm", "objective.end_weight", "objective.hinge_weight", "objective.final_step_fraction", "inr.pixels", "field.spatial_rank"):
+                "objective.max_step_norm", "objective.end_weight", "objective.hinge_weight", "inr.pixels", "field.spatial_rank"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")
