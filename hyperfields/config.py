@@ -67,7 +67,7 @@ class ObjectiveConfig:
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
     loss: Literal["relative_mse", "cosine_norm"] = "relative_mse"  # step loss, normalised per tensor
-    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), as in DESIGN 1;
+    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), the method's target;
     # "difference" = Psi(t+k) - Psi(t) with the gradient through both ends.
     match: Literal["position", "difference"] = "position"
     max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
