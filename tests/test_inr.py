@@ -102,8 +102,8 @@ def test_train_command_fits_crops_with_the_inr_config(tmp_path):
         Image.fromarray(pixels).save(tmp_path / f"crop{i}.png")
     result = CliRunner().invoke(app, [
         "train", "--config", "configs/inr.yaml", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
-        "--max-steps", "120", "--set", "train.heldout=1", "--set", "objective.steps=10", "--set", "train.warmup_steps=1",
-        "--set", "train.learning_rate=0.003",
+        "--max-steps", "120", "--set", "train.heldout=1", "--set", "objective.steps=10",
+        "--set", "train.warmup_steps=1", "--set", "train.learning_rate=0.003",
         "--set", "train.batch_size=4", "--set", "field.width=32", "--set", "field.depth=1",
     ])
     assert result.exit_code == 0, result.output

@@ -305,10 +305,10 @@ def run_with_ema(photos, tmp_path_factory) -> Path:
 
 def unpickles(path: Path) -> bool:
     """Whether `path` loads as a pickle, plain or through torch.load with arbitrary objects allowed."""
-    for load in (pickle.load, lambda f: torch.load(f, weights_only=False)):
+    for load_pickle in (pickle.load, lambda f: torch.load(f, weights_only=False)):
         with path.open("rb") as f:
             try:
-                load(f)
+                load_pickle(f)
                 return True
             except Exception:  # not a pickle: many error types
                 pass
