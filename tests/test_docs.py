@@ -22,7 +22,9 @@ ROW = re.compile(r"^\| `(?P<key>[a-z_]+\.[a-z_]+)` \| `(?P<default>[^`]*)` \|", 
 
 def config_defaults() -> dict[str, object]:
     """Every key of Config as `section.key`, with its built-in default."""
-    return {f"{section}.{key}": value for section, values in Config().to_dict().items() for key, value in values.items()}
+    return {
+        f"{section}.{key}": value for section, values in Config().to_dict().items() for key, value in values.items()
+    }
 
 
 def documented_defaults() -> dict[str, object]:
@@ -34,8 +36,9 @@ def documented_defaults() -> dict[str, object]:
 
 def test_every_config_key_is_documented_with_its_default():
     documented, actual = documented_defaults(), config_defaults()
-    assert not actual.keys() - documented.keys(), f"keys missing from docs/config.md: {sorted(actual.keys() - documented.keys())}"
-    assert not documented.keys() - actual.keys(), f"docs/config.md documents unknown keys: {sorted(documented.keys() - actual.keys())}"
+    missing, unknown = sorted(actual.keys() - documented.keys()), sorted(documented.keys() - actual.keys())
+    assert not missing, f"keys missing from docs/config.md: {missing}"
+    assert not unknown, f"docs/config.md documents keys hyperfields/config.py does not have: {unknown}"
     wrong = {key: (documented[key], value) for key, value in actual.items() if documented[key] != value}
     assert not wrong, f"docs/config.md defaults differ from hyperfields/config.py (documented, actual): {wrong}"
 
@@ -69,9 +72,16 @@ def test_readme_python_example_runs(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(5):
-        Image.effect_mandelbrot((48, 40), (-2.0 + 0.1 * i, -1.5, 1.0, 1.5), 50).convert("RGB").save(photos / f"p{i}.png")
+        image = Image.effect_mandelbrot((48, 40), (-2.0 + 0.1 * i, -1.5, 1.0, 1.5), 50)
+        image.convert("RGB").save(photos / f"p{i}.png")
     Image.effect_noise((64, 64), 60).convert("RGB").save(tmp_path / "me.jpg")
-    result = subprocess.run([sys.executable, "-c", python_example()], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", python_example()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "me.safetensors").is_file()
