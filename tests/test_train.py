@@ -58,6 +58,7 @@ def test_train_writes_a_loadable_field_and_checkpoints(photos, tmp_path):
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*")), "tensorboard logs are written"
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_restores_the_step_counter_and_matches_an_uninterrupted_run(photos, tmp_path):
     run = tmp_path / "run"
     assert run_train(photos, run, "--max-steps", "4", "--checkpoint-every", "2").exit_code == 0
