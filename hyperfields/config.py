@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import typing
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import yaml
 
 from hyperfields.errors import UserError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 @dataclass
@@ -65,7 +69,7 @@ class ObjectiveConfig:
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
     loss: Literal["relative_mse", "cosine_norm"] = "relative_mse"  # step loss, normalised per tensor
-    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), as in DESIGN 1;
+    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), the method's target;
     # "difference" = Psi(t+k) - Psi(t) with the gradient through both ends.
     match: Literal["position", "difference"] = "position"
     max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
@@ -228,19 +232,55 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> Config:
     return config
 
 
-def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The Config from a YAML file (defaults where absent) with `section.key=value` overrides applied."""
+PRESETS_PACKAGE = "hyperfields.configs"
+
+
+def _preset_folder() -> Traversable:
+    try:
+        return importlib.resources.files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:  # a source checkout run without installing: the presets are its configs/ folder
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets() -> dict[str, Traversable]:
+    """The shipped preset YAML files by name ('tiny', 'inr', 'sd15', 'sdxl')."""
+    found = {entry.name.removesuffix(".yaml"): entry for entry in _preset_folder().iterdir()
+             if entry.name.endswith(".yaml")}
+    return dict(sorted(found.items()))
+
+
+def resolve_config(name: str | Path) -> Path | Traversable:
+    """The YAML file `name` stands for: a path as given, or the shipped preset of a bare name such as 'sd15'.
+
+    A bare name has no path separator and no suffix; an existing file of that name still wins over a preset.
+    """
+    text = str(name)
+    if Path(text).name != text or Path(text).suffix or Path(text).is_file():
+        return Path(name)
+    found = presets()
+    if text not in found:
+        raise UserError(f"config '{text}' is neither a file nor a preset; presets are {', '.join(found)}")
+    return found[text]
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The Config from a YAML file or preset name (defaults where absent) with `section.key=value` overrides applied."""
     values: dict[str, Any] = {}
+    where = "config"
     if path is not None:
+        source = resolve_config(path)
+        where = str(source)
         try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise UserError(f"config file '{path}' does not exist") from None
+            raise UserError(f"config file '{source}' does not exist") from None
+        except OSError as error:  # a folder, no permission
+            raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise UserError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+            raise UserError(f"config file '{source}' is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(values, dict):
-            raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
-    config = config_from_dict(values, where=str(path or "config"))
+            raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
+    config = config_from_dict(values, where=where)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:

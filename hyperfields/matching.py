@@ -159,7 +159,7 @@ def gradient_matching_loss(
         raise NonFiniteError("non-finite field output")
     targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout)
     real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
-    # "position" (DESIGN 1): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
+    # "position" (docs/design.md): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
     # gradient through both ends and fits Psi(t+k) - Psi(t) as a whole.
     start = [s[:, 0].detach() if objective.match == "position" else s[:, 0] for s in stacks]

@@ -40,6 +40,7 @@ def train_on_quadratic(task: QuadraticTask, images: torch.Tensor, objective: Obj
 
 # "position" bootstraps forward from theta_0, one step per update, so on this toy it is exact at T
 # but still converging at small t after the same number of iterations.
+@pytest.mark.slow
 @pytest.mark.parametrize("match, along_t, at_T", [("difference", 0.05, 0.05), ("position", 0.2, 0.02)])
 def test_matching_reproduces_the_closed_form_trajectory(quadratic_task, match, along_t, at_T):
     objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd", rollout=1, noise_draws=1, match=match)
