@@ -175,17 +175,10 @@ def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tm
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(crops / f"c{i}.png")
     # The same conditions and step t either way: images 0-3 in order, t = 3; the inr loss with every pixel has
     # no noise. Only the accumulation differs.
-    def picks_in_order(self, micro: int) -> list[int]:
-        size = self.config.train.batch_size
-        return list(range(micro * size, (micro + 1) * size))
+    def draws_in_order(seed, step, process, micro, images, batch, last_t):
+        return list(range(micro * batch, (micro + 1) * batch)), torch.full((batch,), 3)
 
-    matching = trainer.gradient_matching_loss
-
-    def matching_at_t_3(field, task, field_inputs, inputs, t, *args):
-        return matching(field, task, field_inputs, inputs, torch.full_like(t, 3), *args)
-
-    monkeypatch.setattr(trainer.Trainer, "_picks", picks_in_order)
-    monkeypatch.setattr(trainer, "gradient_matching_loss", matching_at_t_3)
+    monkeypatch.setattr(trainer, "training_draws", draws_in_order)
     fields = {}
     for batch, accumulation in ((4, 1), (2, 2)):
         output = tmp_path / f"run-{batch}x{accumulation}"
