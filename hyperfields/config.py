@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import typing
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import yaml
 
 from hyperfields.errors import UserError, error_line
 from hyperfields.lora import DEFAULT_TARGETS
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 @dataclass
@@ -57,20 +61,26 @@ class FieldConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["matching", "supervised"] = "matching"  # gradient matching or two-phase regression
+    # "matching" = gradient matching along the trajectory; "direct" = end-to-end training of Psi(c, T) on the task
+    # loss alone (no trajectory before T); "supervised" = two-phase regression of Psi(c, T) on precomputed weights.
+    kind: Literal["matching", "direct", "supervised"] = "matching"
     steps: int = 50  # T: length of the per-subject optimisation the field models
     step_size: float = 0.05  # eta of the per-subject update
     update: Literal["sgd", "normalized", "sign"] = "normalized"  # update rule u
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
     loss: Literal["relative_mse", "cosine_norm"] = "relative_mse"  # step loss, normalised per tensor
-    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), as in DESIGN 1;
+    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), the method's target;
     # "difference" = Psi(t+k) - Psi(t) with the gradient through both ends.
     match: Literal["position", "difference"] = "position"
     max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
     # Adds end_weight x the task loss at Psi(c, T), relative to theta_0's, to gradient matching: better weights at T,
     # at the price of following the trajectory less closely before T; one more task gradient per condition.
     end_weight: float = 0.0
+    # Adds hinge_weight x relu(log L(Psi(c, t+1)) - log L(real update from Psi(c, t))), on the same draws: every step
+    # of the field must do at least as well on the task as the real update from its own start. Two more task
+    # evaluations per condition (a gradient and a forward pass).
+    hinge_weight: float = 0.0
     precomputed: str = ""  # kind=supervised: folder written by `hyperfields precompute` (theta_T per training image)
 
 
@@ -196,7 +206,7 @@ def _validate(config: Config) -> None:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
                 "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm", "objective.end_weight", "inr.pixels", "field.spatial_rank"):
+                "objective.max_step_norm", "objective.end_weight", "objective.hinge_weight", "inr.pixels", "field.spatial_rank"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")
@@ -223,19 +233,55 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> Config:
     return config
 
 
-def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The Config from a YAML file (defaults where absent) with `section.key=value` overrides applied."""
+PRESETS_PACKAGE = "hyperfields.configs"
+
+
+def _preset_folder() -> Traversable:
+    try:
+        return importlib.resources.files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:  # a source checkout run without installing: the presets are its configs/ folder
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets() -> dict[str, Traversable]:
+    """The shipped preset YAML files by name ('tiny', 'inr', 'sd15', 'sdxl')."""
+    found = {entry.name.removesuffix(".yaml"): entry for entry in _preset_folder().iterdir()
+             if entry.name.endswith(".yaml")}
+    return dict(sorted(found.items()))
+
+
+def resolve_config(name: str | Path) -> Path | Traversable:
+    """The YAML file `name` stands for: a path as given, or the shipped preset of a bare name such as 'sd15'.
+
+    A bare name has no path separator and no suffix; an existing file of that name still wins over a preset.
+    """
+    text = str(name)
+    if Path(text).name != text or Path(text).suffix or Path(text).is_file():
+        return Path(name)
+    found = presets()
+    if text not in found:
+        raise UserError(f"config '{text}' is neither a file nor a preset; presets are {', '.join(found)}")
+    return found[text]
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The Config from a YAML file or preset name (defaults where absent) with `section.key=value` overrides applied."""
     values: dict[str, Any] = {}
+    where = "config"
     if path is not None:
+        source = resolve_config(path)
+        where = str(source)
         try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise UserError(f"config file '{path}' does not exist") from None
+            raise UserError(f"config file '{source}' does not exist") from None
+        except OSError as error:  # a folder, no permission
+            raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise UserError(f"config file '{path}' is not valid YAML ({error_line(error)})") from None
+            raise UserError(f"config file '{source}' is not valid YAML ({error_line(error)})") from None
         if not isinstance(values, dict):
-            raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
-    config = config_from_dict(values, where=str(path or "config"))
+            raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
+    config = config_from_dict(values, where=where)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:

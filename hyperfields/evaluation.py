@@ -1,5 +1,5 @@
-"""Held-out quality (DESIGN.md 6): the recovered fraction R of the loss drop that real optimisation achieves,
-and PSNR for image-fitting tasks."""
+"""Held-out quality (docs/design.md, how quality is measured): the recovered fraction R of the loss drop that
+real optimisation achieves, and PSNR for image-fitting tasks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from hyperfields.config import ObjectiveConfig
 from hyperfields.matching import real_trajectory
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights
+from hyperfields.streams import stream
 
 
 def psnr_db(mse: torch.Tensor) -> torch.Tensor:
@@ -24,7 +25,7 @@ def heldout_losses(task: Task, weights: Weights, inputs: Any, draws: int, seed: 
         if isinstance(task, ImageFittingTask):
             return task.reconstruction_error(weights, inputs)
         device = next(iter(weights.values())).device
-        return task.loss(weights, inputs, draws, torch.Generator(device=device).manual_seed(seed))
+        return task.loss(weights, inputs, draws, stream(seed, "evaluation", device=device))
 
 
 @dataclass
@@ -82,7 +83,7 @@ def heldout_reference(
     inputs = task.prepare(images, captions)
     n = images.shape[0]
     theta0 = {name: w.to(images.device).unsqueeze(0).expand(n, *w.shape) for name, w in task.initial_weights().items()}
-    generator = torch.Generator(device=images.device).manual_seed(seed + 1)
+    generator = stream(seed, "reference", device=images.device)
     trajectory, _ = real_trajectory(task, theta0, inputs, objective, generator, objective.steps, on_step)
     at_theta0 = heldout_losses(task, theta0, inputs, draws, seed)
     at_real = heldout_losses(task, trajectory[-1], inputs, draws, seed)

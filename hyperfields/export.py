@@ -7,49 +7,83 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 
 from hyperfields.data import scan_image_folder
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, error_line
 from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
 from hyperfields.files import atomic_write, writable_folder
-from hyperfields.lora import LoraFormat
-from hyperfields.lora.formats import write_lora
+from hyperfields.lora import LoraFormat, LoraPrecision
+from hyperfields.lora.formats import BaseModelFamily, LoraOrigin, write_lora
+from hyperfields.models import resolve_model_path
 from hyperfields.predict import Photo, predict_lora, predicted_weights, prediction_metadata, read_photo
 
 SUFFIX = ".safetensors"
 
 
-def write_prediction(field: HyperField, record: FieldRecord, photo: Photo, t: float, path: Path,
-                     format: LoraFormat) -> Path:
-    """`path`, holding Psi(photo, t): a LoRA file in `format` for a LoRA field, else the tensors by name; atomic."""
+def base_model_family(settings: dict[str, Any]) -> BaseModelFamily:
+    """The family of the base model a LoRA field was trained for: from its record, else from the base's configs."""
+    if isinstance(settings.get("base_family"), dict):
+        return BaseModelFamily(**settings["base_family"])
+    # Fields written before the record named the family: read the two configs the trainer read it from.
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    base_model = str(settings["base_model"])
+    path = resolve_model_path(base_model, "pipeline")
+    try:
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
+        scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    except Exception as error:  # missing folder, offline hub id, broken JSON: all mean the configs cannot be read
+        raise UserError(f"the field's record does not say which Stable Diffusion it is for, and base model "
+                        f"'{base_model}' cannot be read to tell ({error_line(error)}); make it reachable again"
+                        ) from None
+    return BaseModelFamily.from_configs(unet_config, scheduler_config)
+
+
+def lora_origin(record: FieldRecord) -> LoraOrigin | None:
+    """What a LoRA field's LoRAs are for: its base model and family, training resolution and trigger token."""
+    if record.task != "lora":
+        return None
+    settings = record.task_settings
+    return LoraOrigin(base_model=str(settings["base_model"]), family=base_model_family(settings),
+                      resolution=record.resolution, trigger_phrase=record.token)
+
+
+def write_prediction(field: HyperField, record: FieldRecord, photo: Photo, t: float, path: Path, format: LoraFormat,
+                     precision: LoraPrecision, origin: LoraOrigin | None) -> Path:
+    """`path`, holding Psi(photo, t): a LoRA file in `format` and `precision` for a LoRA field (labelled with its
+    `origin`), else the tensors by name in fp32; written atomically."""
     if record.task == "lora":
-        return write_lora(predict_lora(field, record, photo, t), path, format)
+        return write_lora(predict_lora(field, record, photo, t), path, format, precision, origin)
     tensors = {name: w.contiguous() for name, w in predicted_weights(field, photo, t).items()}
     header = {"format": "pt", **prediction_metadata(record, t, photo)}
     return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
 
 
 def export_photo(field: HyperField, record: FieldRecord, photo_path: Path, out: Path, t: float,
-                 format: LoraFormat = "diffusers") -> Path:
-    """The file `out` holding Psi(photo, t) (in `format` for a LoRA field), written atomically."""
+                 format: LoraFormat = "diffusers", precision: LoraPrecision = "fp16") -> Path:
+    """The file `out` holding Psi(photo, t) (in `format` and `precision` for a LoRA field), written atomically."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"output '{out}' is a folder; give the path of the {SUFFIX} file to write, "
                         "or export a folder of photos into it")
+    origin = lora_origin(record)
     photo = read_photo(photo_path, record.resolution)
     writable_folder(out.parent)
-    return write_prediction(field, record, photo, t, out, format)
+    return write_prediction(field, record, photo, t, out, format, precision, origin)
 
 
 def export_folder(field: HyperField, record: FieldRecord, folder: Path, out: Path, t: float,
-                  format: LoraFormat = "diffusers", warn: Callable[[str], None] | None = None) -> list[Path]:
+                  format: LoraFormat = "diffusers", precision: LoraPrecision = "fp16",
+                  warn: Callable[[str], None] | None = None) -> list[Path]:
     """The files written into folder `out`, one per usable photo under `folder`, named by the photo's path there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' is a file; a folder of photos is exported into a folder, one file per photo")
+    origin = lora_origin(record)
     records = scan_image_folder(Path(folder), warn=warn).records
     targets: dict[Path, Path] = {}
     for image in records:
@@ -60,5 +94,5 @@ def export_folder(field: HyperField, record: FieldRecord, folder: Path, out: Pat
                             "rename one of them")
         targets[image.path] = name
     writable_folder(out)
-    return [write_prediction(field, record, read_photo(photo, record.resolution), t, name, format)
+    return [write_prediction(field, record, read_photo(photo, record.resolution), t, name, format, precision, origin)
             for photo, name in targets.items()]

@@ -1,4 +1,5 @@
-"""Training objectives of the field: gradient matching along the trajectory, and supervised regression."""
+"""Training objectives of the field: gradient matching along the trajectory, end-to-end training at T, and
+supervised regression on precomputed weights."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def gradient_matching_loss(
         raise NonFiniteError("non-finite field output")
     targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout)
     real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
-    # "position" (DESIGN 1): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
+    # "position" (docs/design.md): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
     # gradient through both ends and fits Psi(t+k) - Psi(t) as a whole.
     start = [s[:, 0].detach() if objective.match == "position" else s[:, 0] for s in stacks]
@@ -166,19 +167,46 @@ def gradient_matching_loss(
         _stacked_step_loss([s[:, k + 1] - s0 for s, s0 in zip(stacks, start)], real_steps[k], objective.loss)
         for k in range(rollout)
     ]).mean()
+    if objective.hinge_weight > 0:
+        psi_next = _unstack([s[:, 1] for s in stacks], groups, psi)
+        loss = loss + objective.hinge_weight * hinge_loss(task, psi_next, targets[0], inputs, objective, generator)
     if objective.end_weight > 0:
         loss = loss + objective.end_weight * end_loss(task, at_T, inputs, objective, generator)
     step_norm = torch.cat([_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()
     return MatchingStats(loss=loss, task_loss=float(task_losses.mean()), step_norm=float(step_norm))
 
 
+def hinge_loss(task: Task, predicted: Weights, target: Weights, inputs: Any, objective: ObjectiveConfig,
+               generator: torch.Generator) -> torch.Tensor:
+    """Mean over samples of relu(log L(Psi(c, t+1)) - log L(target)): the field's step must do at least as well on the
+    task as the real update from its own start, in dB of the loss; both scored on the same draws."""
+    state = generator.get_state()
+    with torch.no_grad():
+        floor = task.loss(target, inputs, objective.noise_draws, generator)
+    generator.set_state(state)
+    reached = task.loss(predicted, inputs, objective.noise_draws, generator)
+    return torch.relu(torch.log(reached.clamp_min(EPS)) - torch.log(floor.clamp_min(EPS))).mean()
+
+
 def end_loss(task: Task, at_T: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator) -> torch.Tensor:
-    """Mean over samples of the task loss at Psi(c, T) (`at_T`, with grad) over the loss at theta_0."""
+    """Mean over samples of the task loss at Psi(c, T) (`at_T`, with grad) over the loss at theta_0, on the same draws."""
     first = next(iter(at_T.values()))
     theta0 = {name: w.to(first.device).expand(first.shape[0], *w.shape) for name, w in task.initial_weights().items()}
+    # Common random numbers: a diffusion loss varies by orders of magnitude with its noise and timestep draws, so
+    # the normaliser is theta_0's loss on the very draws Psi(c, T) is scored on, not on draws of its own.
+    state = generator.get_state()
     with torch.no_grad():
         start = task.loss(theta0, inputs, objective.noise_draws, generator)
+    generator.set_state(state)
     return (task.loss(at_T, inputs, objective.noise_draws, generator) / start.clamp_min(EPS)).mean()
+
+
+def direct_loss(
+    field: Callable[..., Weights], task: Task, field_inputs: dict[str, torch.Tensor], inputs: Any,
+    objective: ObjectiveConfig, generator: torch.Generator,
+) -> torch.Tensor:
+    """End-to-end training at T: the mean task loss at Psi(c, T), with the gradient through the task into the field."""
+    return task.loss(field(t=objective.steps, **field_inputs), inputs, objective.noise_draws, generator).mean()
 
 
 def supervised_loss(field: Callable[..., Weights], field_inputs: dict[str, torch.Tensor], theta_T: Weights, steps: int, theta0: Weights) -> torch.Tensor:

@@ -23,6 +23,7 @@ from hyperfields.files import write_folder
 from hyperfields.matching import real_trajectory
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
+from hyperfields.streams import stream
 
 FORMAT = "hyperfields-precomputed"
 INDEX_NAME = "index.json"
@@ -48,7 +49,7 @@ def optimise_images(
         inputs = task.prepare(images, [item["caption"] for item in items])
         batch_theta0 = {name: w.to(device).expand(len(items), *w.shape) for name, w in theta0.items()}
         # Seeded by the batch's first row: the same folder and config give the same weights.
-        generator = torch.Generator(device=device).manual_seed(config.train.seed * 1_000_003 + start)
+        generator = stream(config.train.seed, "precompute", index=start, device=device)
         trajectory, _ = real_trajectory(task, batch_theta0, inputs, objective, generator, objective.steps)
         for name in rows:
             rows[name].append(trajectory[-1][name].detach().cpu())

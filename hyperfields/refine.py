@@ -22,6 +22,7 @@ from hyperfields.matching import real_trajectory
 from hyperfields.models import load_pipeline_components
 from hyperfields.tasks.base import Weights
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from hyperfields.streams import stream
 
 
 @dataclass
@@ -56,11 +57,10 @@ def refine(field: HyperField, record: FieldRecord, photo: Photo, steps: int, bas
     inputs = task.prepare(photo.pixels.unsqueeze(0).to(device), [caption])
 
     def evaluation_loss(weights: Weights) -> float:
-        generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
-            return float(task.loss(weights, inputs, eval_draws, generator).mean())
+            return float(task.loss(weights, inputs, eval_draws, stream(seed, "evaluation", device=device)).mean())
 
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    generator = stream(seed, "refine", device=device)
     trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step)
     refined = LoraWeights(
         tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()}, alpha=start.alpha,

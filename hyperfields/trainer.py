@@ -26,9 +26,10 @@ from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import FieldRecord, save_field
 from hyperfields.field.model import HyperField
 from hyperfields.files import replace_folder, writable_folder
-from hyperfields.matching import NonFiniteError, gradient_matching_loss, supervised_loss
+from hyperfields.matching import NonFiniteError, direct_loss, gradient_matching_loss, supervised_loss
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
+from hyperfields.streams import stream
 from hyperfields.tasks import build_task
 from hyperfields.tasks.cache import ConditionCache
 
@@ -110,6 +111,15 @@ def resolve_resume(output: Path, resume: str) -> Path:
     return path
 
 
+def training_draws(seed: int, step: int, process: int, micro: int, images: int, batch: int, last_t: int,
+                   ) -> tuple[list[int], torch.Tensor]:
+    """Which of `images` training images a micro-batch trains on, and each one's step t in [0, last_t]: two
+    independent streams, so every image meets every t."""
+    picks = torch.randint(0, images, (batch,), generator=stream(seed, "picks", step, process, micro)).tolist()
+    t = torch.randint(0, last_t + 1, (batch,), generator=stream(seed, "steps", step, process, micro))
+    return picks, t
+
+
 class Trainer:
     """Builds the task, the field and the accelerate objects from a Config, then trains."""
 
@@ -161,9 +171,10 @@ class Trainer:
                                 "'hyperfields precompute', e.g. --set objective.precomputed=runs/precomputed")
             self.theta_T = load_precomputed(Path(config.objective.precomputed), self.task, self.train_records, Path(data_dir),
                                             config.objective.steps)
-            if config.objective.end_weight > 0:
-                print0(acc, f"note: objective.end_weight={config.objective.end_weight:g} is part of gradient matching; "
-                            "objective.kind=supervised regresses Psi(c, T) on the precomputed weights alone")
+
+        if config.objective.kind != "matching" and config.objective.end_weight > 0:
+            print0(acc, f"note: objective.end_weight={config.objective.end_weight:g} is part of gradient matching; "
+                        f"objective.kind={config.objective.kind} does not use it")
         self.step = 0
         self.skipped_nonfinite = 0
         self.reference: HeldoutReference | None = None
@@ -223,15 +234,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- pieces
 
-    def _generator(self, purpose: int) -> torch.Generator:
-        # Every random draw depends only on (seed, step, process, purpose): a resumed run sees the same batches
-        # and noise as an uninterrupted one, without restoring any global RNG.
-        seed = self.config.train.seed * 1_000_003 + self.step * 7919 + self.accelerator.process_index * 104_729 + purpose
-        return torch.Generator(device=self.accelerator.device).manual_seed(seed)
-
-    def _picks(self, micro: int) -> list[int]:
-        return torch.randint(0, len(self.dataset), (self.config.train.batch_size,), generator=torch.Generator().manual_seed(
-            self.config.train.seed * 1_000_003 + self.step * 7919 + self.accelerator.process_index * 104_729 + 31 * micro)).tolist()
+    def _draws(self, micro: int) -> tuple[list[int], torch.Tensor, torch.Generator]:
+        """This micro-batch's training images, their steps t and the task's noise generator."""
+        config, acc = self.config, self.accelerator
+        picks, t = training_draws(config.train.seed, self.step, acc.process_index, micro, len(self.dataset),
+                                  config.train.batch_size, config.objective.steps - config.objective.rollout)
+        noise = stream(config.train.seed, "noise", self.step, acc.process_index, micro, acc.device)
+        return picks, t.to(acc.device), noise
 
     def _conditions(self, picks: list[int]) -> tuple[dict[str, torch.Tensor], Any]:
         """The field's inputs and the task's prepared inputs for these training images."""
@@ -250,15 +259,16 @@ class Trainer:
         acc, objective = self.accelerator, self.config.objective
         logs: dict[str, float] = {"loss": 0.0}
         for micro in range(self.config.train.gradient_accumulation):
-            picks = self._picks(micro)
+            picks, t, generator = self._draws(micro)
             field_inputs, inputs = self.cache.get(picks) if self.cache is not None else self._conditions(picks)
-            generator = self._generator(micro)
-            t = torch.randint(0, objective.steps - objective.rollout + 1, (len(picks),), generator=generator, device=generator.device)
             with acc.accumulate(self.field):
                 if self.theta_T is not None:
                     theta_T = {name: w[picks].to(acc.device) for name, w in self.theta_T.items()}
                     loss = supervised_loss(self.field, field_inputs, theta_T, objective.steps, acc.unwrap_model(self.field).theta0())
                     values = {}
+                elif objective.kind == "direct":
+                    loss = direct_loss(self.field, self.task, field_inputs, inputs, objective, generator)
+                    values = {"task_loss": float(loss.detach())}
                 else:
                     stats = gradient_matching_loss(self.field, self.task, field_inputs, inputs, t, objective, generator)
                     loss, values = stats.loss, {"task_loss": stats.task_loss, "step_norm": stats.step_norm}

@@ -1,19 +1,26 @@
-"""Held-out quality of the gradient-matching field against real optimisation and the two-phase baseline.
+"""Held-out quality along the trajectory of three fields trained at the same budget, against real optimisation.
 
-Both fields get the same budget of task-gradient evaluations (one per sample and real update, whatever
-objective.noise_draws): gradient matching spends K = objective.rollout per sampled condition and optimiser step,
-K + 1 with objective.end_weight > 0, so at the full budget it trains train.max_steps steps on batches of
-budget / (steps * that) conditions, and at a fraction f of it f * train.max_steps steps on batches of the same size
-(a shorter run, not a noisier one). The supervised baseline spends T per training image in `precompute`
-(f * budget / T images) and nothing while it regresses Psi(c, T) on them for the same number of optimiser steps
-on batches of the same size. Both are then scored on held-out photos next to theta_0 and real optimisation:
-PSNR in dB for --task inr, the task loss on fixed draws and the recovered fraction R for --task lora.
+The arms: `field` (gradient matching, objective.kind=matching, with the config's terms), `direct` (end-to-end
+training of Psi(c, T) on the task loss, objective.kind=direct) and `supervised` (the two-phase baseline: precompute
+theta_T, then regress Psi(c, T) on it). Every arm gets the same budget of task evaluations (one per sample and
+forward/backward pass, whatever objective.noise_draws; a forward pass without backward counts as one too):
+matching spends K = objective.rollout per sampled condition and optimiser step, K + 2 with objective.end_weight > 0
+(the gradient at Psi(c, T) and theta_0's loss on the same draws), 2 more with objective.hinge_weight > 0 (the
+gradient at Psi(c, t+1) and the loss of the real update on the same draws); direct spends 1. At the full budget each trains
+train.max_steps steps on batches of budget / (steps * that) conditions, and at a fraction f of it f * train.max_steps
+steps on batches of the same size (a shorter run, not a noisier one). The supervised baseline spends T per training
+image in `precompute` (f * budget / T images) and nothing while it regresses for the same number of steps.
 
-Without --train / --heldout the photos come from scikit-image (nothing is downloaded): training crops from one
-set of photos, held-out crops from others.
+Each arm is scored on held-out photos at t = T/4, T/2, 3T/4 and T next to real optimisation at the same t: the mean
+PSNR in dB for --task inr, R_t = (L(theta_0) - L(Psi(c, t))) / (L(theta_0) - L(theta_t)) on fixed draws for
+--task lora, each with its standard error over the held-out photos (JSON keys `trajectory` and `stderr`).
+
+Without --train / --heldout the photos come from scikit-image and matplotlib (nothing is downloaded): training crops
+from one set of photos, held-out crops from photos of other kinds.
 
 Usage: python scripts/bench_quality.py --task inr --budget 128000 --json quality.json --plot quality.png
 """
+
 
 from __future__ import annotations
 
@@ -40,21 +47,34 @@ from hyperfields.matching import real_trajectory  # noqa: E402
 from hyperfields.precompute import precompute  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights  # noqa: E402
+from hyperfields.streams import stream  # noqa: E402
 from hyperfields.trainer import Trainer  # noqa: E402
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
                 "coins", "moon", "brick", "grass", "page", "text", "cell")
-HELDOUT_PHOTOS = ("coffee", "clock", "gravel", "colorwheel")
+# Photos of other kinds than the training ones (food, objects, gravel, a synthetic colour wheel, a vehicle, a portrait,
+# a still life, a grey medical image), so the held-out figure measures how the field generalises, not how it fits
+# the training photos' statistics.
+HELDOUT_PHOTOS = ("coffee", "clock", "gravel", "colorwheel", "motorcycle", "grace_hopper", "present", "microaneurysms")
+MATPLOTLIB_PHOTOS = {"grace_hopper": "grace_hopper.jpg", "present": "Minduka_Present_Blue_Pack.png"}
+ARMS = ("field", "direct", "supervised")
 DEFAULTS = {  # config, training crops, held-out crops
-    "inr": ("configs/inr.yaml", 20000, 32),
-    "lora": ("configs/tiny.yaml", 32, 4),
+    "inr": ("configs/inr.yaml", 20000, 64),
+    "lora": ("configs/tiny.yaml", 32, 8),
 }
 
 
 def photo(name: str) -> np.ndarray:
-    from skimage import data
+    """An RGB uint8 photo that scikit-image or matplotlib ships (nothing is downloaded)."""
+    if name in MATPLOTLIB_PHOTOS:
+        from matplotlib import cbook
 
-    pixels = getattr(data, name)()
+        with cbook.get_sample_data(MATPLOTLIB_PHOTOS[name]) as file:
+            pixels = np.asarray(Image.open(file).convert("RGB"))
+    else:
+        from skimage import data
+
+        pixels = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8) * 255
     if pixels.ndim == 2:
@@ -118,7 +138,7 @@ def load_images(folder: Path, config: Config) -> tuple[torch.Tensor, list[str], 
 
 @dataclass
 class Scorer:
-    """Quality of weights on the held-out images: PSNR (higher is better) or the task loss on fixed draws (lower)."""
+    """Per-condition quality of weights on the held-out images: PSNR in dB (inr) or the task loss on fixed draws (lora)."""
 
     task: Task
     inputs: object
@@ -126,12 +146,34 @@ class Scorer:
     seed: int
 
     @property
-    def name(self) -> str:
-        return "PSNR dB" if isinstance(self.task, ImageFittingTask) else "loss"
+    def psnr(self) -> bool:
+        return isinstance(self.task, ImageFittingTask)
 
-    def __call__(self, weights: Weights) -> float:
+    @property
+    def name(self) -> str:
+        return "PSNR dB" if self.psnr else "loss"
+
+    def __call__(self, weights: Weights) -> torch.Tensor:
         losses = heldout_losses(self.task, weights, self.inputs, self.draws, self.seed)
-        return float(psnr_db(losses).mean() if isinstance(self.task, ImageFittingTask) else losses.mean())
+        return psnr_db(losses) if self.psnr else losses  # (N,)
+
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+    return float(values.mean()), float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
+def recovered(theta0: torch.Tensor, real: torch.Tensor, field: torch.Tensor) -> tuple[float, float]:
+    """R = (L(theta_0) - L(Psi)) / (L(theta_0) - L(theta_t)) on the mean losses, and its jackknife standard error
+    over the conditions (a per-condition ratio is unstable where a condition's real gain is small)."""
+    def ratio(keep: torch.Tensor) -> float:
+        return float((theta0[keep].mean() - field[keep].mean()) / (theta0[keep].mean() - real[keep].mean()))
+
+    n = len(theta0)
+    whole = ratio(torch.ones(n, dtype=torch.bool))
+    if n < 2:
+        return whole, 0.0
+    leave_one_out = torch.tensor([ratio(torch.arange(n) != i) for i in range(n)])
+    return whole, float(((n - 1) / n * (leave_one_out - leave_one_out.mean()).pow(2).sum()).sqrt())
 
 
 def train_field(config: Config, data: Path, output: Path) -> tuple[Path, float]:
@@ -140,7 +182,8 @@ def train_field(config: Config, data: Path, output: Path) -> tuple[Path, float]:
     return result.field_dir, time.perf_counter() - started
 
 
-def field_scores(field_dir: Path, images: torch.Tensor, score: Scorer, steps: list[int]) -> list[float]:
+def field_scores(field_dir: Path, images: torch.Tensor, score: Scorer, steps: list[int]) -> list[torch.Tensor]:
+    """The per-condition scores of Psi(c, t) at each of `steps`."""
     field, _ = load_field(field_dir)
     with torch.no_grad():
         tokens = field.encoder(images)
@@ -158,23 +201,42 @@ def parse_fractions(parser: argparse.ArgumentParser, option: str, text: str) -> 
     return fractions
 
 
+def quarter_steps(steps: int) -> list[int]:
+    """T/4, T/2, 3T/4 and T, rounded to whole steps."""
+    return sorted({max(1, round(steps * k / 4)) for k in range(1, 5)})
+
+
+def arm_summary(score: Scorer, at_t: list[torch.Tensor], theta0: torch.Tensor, real: list[torch.Tensor],
+                quarters: list[int]) -> tuple[dict[int, float], dict[int, float]]:
+    """{t: value} and {t: standard error}: mean PSNR for inr, R_t for lora."""
+    values, errors = {}, {}
+    for t, field, real_t in zip(quarters, at_t, real):
+        values[t], errors[t] = mean_and_stderr(field) if score.psnr else recovered(theta0, real_t, field)
+    return values, errors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(DEFAULTS), required=True)
-    parser.add_argument("--budget", type=int, required=True, help="task-gradient evaluations each field may spend")
+    parser.add_argument("--budget", type=int, required=True, help="task evaluations each field may spend")
     parser.add_argument("--config", type=Path, help="default configs/inr.yaml (inr) or configs/tiny.yaml (lora)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override key=value; repeatable")
     parser.add_argument("--train", type=Path, help="folder of training images; default crops of scikit-image photos")
-    parser.add_argument("--heldout", type=Path, help="folder of held-out images; default crops of other scikit-image photos")
+    parser.add_argument("--heldout", type=Path, help="folder of held-out images; default crops of other photos")
     parser.add_argument("--fractions", default="0.25,1", help="budget fractions to train at, comma-separated")
-    parser.add_argument("--baseline-fractions", help="of those, the ones the supervised baseline trains at too; default all "
-                        "(it must include the largest: the targets compare against the baseline at full budget)")
+    parser.add_argument("--baseline-fractions", help="of those, the ones the supervised and direct arms train at too; "
+                        "default all (it must include the largest: the targets compare the arms at full budget)")
+    parser.add_argument("--arms", default="field,direct,supervised",
+                        help="arms to train, comma-separated, from field (gradient matching), direct, supervised")
     parser.add_argument("--work", type=Path, help="folder for crops, precomputed weights and runs; default a temporary one")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     fractions = parse_fractions(parser, "--fractions", args.fractions)
     baseline_fractions = parse_fractions(parser, "--baseline-fractions", args.baseline_fractions) if args.baseline_fractions else fractions
+    chosen = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    if not chosen or not set(chosen) <= set(ARMS):
+        parser.error(f"--arms {args.arms}: expected some of {', '.join(ARMS)}, comma-separated")
     if args.budget <= 0:
         parser.error(f"--budget {args.budget}: must be positive")
     if max(fractions) not in baseline_fractions or not set(baseline_fractions) <= set(fractions):
@@ -199,60 +261,67 @@ def main() -> None:
     task = build_task(config, torch.device("cpu"), torch.float32)
     score = Scorer(task, task.prepare(images, captions), config.train.eval_draws, config.train.seed + 99)
     theta0 = {name: w.expand(len(images), *w.shape) for name, w in task.initial_weights().items()}
-    trajectory, _ = real_trajectory(task, theta0, score.inputs, objective, torch.Generator().manual_seed(config.train.seed + 100),
-                                    objective.steps)
+    path, _ = real_trajectory(task, theta0, score.inputs, objective, stream(config.train.seed, "reference"), objective.steps)
     grid = sorted(set(np.linspace(0, objective.steps, min(objective.steps, 20) + 1).round().astype(int).tolist()))
-    real_along_t = [score(theta0 if t == 0 else trajectory[t - 1]) for t in grid]
+    quarters = quarter_steps(objective.steps)
+    at_theta0 = score(theta0)
+    real = [score(path[t - 1]) for t in quarters]
+    real_along_t = [float(score(theta0 if t == 0 else path[t - 1]).mean()) for t in grid]
     print(f"held-out: {len(images)} images, real optimisation {score.name} {real_along_t[0]:.4g} -> {real_along_t[-1]:.4g} "
           f"in T={objective.steps} steps", flush=True)
+    if score.psnr:
+        trajectory = {"real": dict(zip(quarters, (mean_and_stderr(r)[0] for r in real)))}
+        stderr = {"real": dict(zip(quarters, (mean_and_stderr(r)[1] for r in real)))}
+    else:
+        trajectory, stderr = {"real": {t: 1.0 for t in quarters}}, {"real": {t: 0.0 for t in quarters}}
 
-    per_condition = objective.rollout + (1 if objective.end_weight > 0 else 0)  # task gradients per condition
-    batch = max(1, args.budget // (steps * per_condition))
+    # Task evaluations per condition and optimiser step: each real update is one task gradient; the end term adds
+    # the gradient at Psi(c, T) and theta_0's loss on the same draws (a forward pass, counted as a whole evaluation).
+    per_condition = {"field": objective.rollout + (2 if objective.end_weight > 0 else 0) + (2 if objective.hinge_weight > 0 else 0),
+                     "direct": 1}
+    batch = {arm: max(1, args.budget // (steps * cost)) for arm, cost in per_condition.items()}
     runs = []
     for fraction in fractions:
         budget = int(args.budget * fraction)
         run_steps = max(1, round(steps * fraction))
-        shape = [f"train.batch_size={batch}", f"train.max_steps={run_steps}"]
-        matching = load_config(args.config or Path(config_path), [*args.overrides, *fixed, *shape])
-        field_dir, matching_seconds = train_field(matching, train_dir, work / f"matching-{fraction:g}")
-        field_along_t = field_scores(field_dir, images, score, grid)
-        run = {"fraction": fraction, "budget": budget, "field_T": field_along_t[-1], "supervised_T": None,
-               "matching": {"batch": batch, "steps": run_steps, "gradients": batch * run_steps * per_condition, "seconds": matching_seconds},
-               "supervised": None, "field_along_t": field_along_t}
+        run: dict = {"fraction": fraction, "budget": budget, "arms": {}}
         runs.append(run)
-        if fraction not in baseline_fractions:
-            print(f"budget {budget}: field {run['field_T']:.4g} ({score.name})", flush=True)
-            continue
-        n_images = min(len(train_images), budget // objective.steps)
-        subset = work / f"supervised-{fraction:g}" / "data"
-        shutil.rmtree(subset, ignore_errors=True)
-        subset.mkdir(parents=True)
-        for record in train_images[:n_images]:
-            shutil.copy(record.path, subset / record.path.name)
-        precomputed = work / f"supervised-{fraction:g}" / "precomputed"
-        precompute_started = time.perf_counter()
-        precompute(config, subset, precomputed, batch_size=256 if args.task == "inr" else 8)
-        precompute_seconds = time.perf_counter() - precompute_started
-        supervised = load_config(args.config or Path(config_path), [
-            *args.overrides, *fixed, "objective.kind=supervised", f"objective.precomputed={precomputed}",
-            f"train.batch_size={min(batch, n_images)}", f"train.max_steps={run_steps}"])
-        supervised_dir, supervised_seconds = train_field(supervised, subset, work / f"supervised-{fraction:g}" / "run")
-        run["supervised_T"] = field_scores(supervised_dir, images, score, [objective.steps])[0]
-        run["supervised"] = {"images": n_images, "steps": run_steps, "gradients": n_images * objective.steps,
-                             "seconds": precompute_seconds + supervised_seconds, "precompute_seconds": precompute_seconds}
-        print(f"budget {budget}: field {runs[-1]['field_T']:.4g}, supervised {runs[-1]['supervised_T']:.4g} ({score.name})", flush=True)
+        arms = [arm for arm in ARMS if arm in chosen and (arm == "field" or fraction in baseline_fractions)]
+        for arm in arms:
+            if arm == "supervised":
+                n_images = min(len(train_images), budget // objective.steps)
+                field_dir, seconds, precompute_seconds = train_supervised(config, args, fixed, train_images, n_images,
+                                                                          run_steps, batch["field"], work / f"supervised-{fraction:g}")
+                cost = {"images": n_images, "steps": run_steps, "gradients": n_images * objective.steps,
+                        "precompute_seconds": precompute_seconds}
+            else:
+                kind = "matching" if arm == "field" else "direct"
+                shape = [f"objective.kind={kind}", f"train.batch_size={batch[arm]}", f"train.max_steps={run_steps}"]
+                arm_config = load_config(args.config or Path(config_path), [*args.overrides, *fixed, *shape])
+                field_dir, seconds = train_field(arm_config, train_dir, work / f"{arm}-{fraction:g}")
+                cost = {"batch": batch[arm], "steps": run_steps, "gradients": batch[arm] * run_steps * per_condition[arm]}
+            at_t = field_scores(field_dir, images, score, quarters)
+            values, errors = arm_summary(score, at_t, at_theta0, real, quarters)
+            run["arms"][arm] = {**cost, "seconds": seconds, "trajectory": values, "stderr": errors, "score_T": float(at_t[-1].mean()),
+                                "along_t": [float(v.mean()) for v in field_scores(field_dir, images, score, grid)]}
+            print(f"budget {budget}: {arm} at T {values[quarters[-1]]:.4g} +- {errors[quarters[-1]]:.2g} "
+                  f"({'PSNR dB' if score.psnr else 'R'}, {seconds:.0f} s)", flush=True)
 
     full = max(runs, key=lambda run: run["budget"])
+    for arm, summary in full["arms"].items():
+        trajectory[arm], stderr[arm] = summary["trajectory"], summary["stderr"]
+    T = objective.steps
     result = {
-        "task": args.task, "metric": score.name, "budget": args.budget, "T": objective.steps,
-        "theta0": real_along_t[0], "real_T": real_along_t[-1], "field_T": full["field_T"], "supervised_T": full["supervised_T"],
+        "task": args.task, "metric": score.name, "budget": args.budget, "T": T,
+        "theta0": float(at_theta0.mean()), "real_T": float(real[-1].mean()), "trajectory": trajectory, "stderr": stderr,
         "runs": runs, "t": grid, "real_along_t": real_along_t, "heldout_images": len(images), "train_images": len(train_images),
-        "config": config.to_dict(), "seconds": time.perf_counter() - started,
+        "config": config.to_dict(),
     }
-    if args.task == "lora":
-        gain = result["theta0"] - result["real_T"]
-        result["R_field"] = (result["theta0"] - result["field_T"]) / gain
-        result["R_supervised"] = (result["theta0"] - result["supervised_T"]) / gain
+    for arm, summary in full["arms"].items():
+        result[f"{arm}_T"] = summary["score_T"]  # PSNR (inr) or mean held-out loss (lora), as theta0 and real_T
+        if not score.psnr:
+            result[f"R_{arm}"] = summary["trajectory"][T]
+    result["seconds"] = time.perf_counter() - started
     report(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -262,20 +331,38 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def train_supervised(config: Config, args: argparse.Namespace, fixed: list[str], train_images: list, n_images: int,
+                     run_steps: int, batch: int, folder: Path) -> tuple[Path, float, float]:
+    """The two-phase baseline on the first `n_images` training images: precompute theta_T, then regress on it."""
+    subset = folder / "data"
+    shutil.rmtree(subset, ignore_errors=True)
+    subset.mkdir(parents=True)
+    for record in train_images[:n_images]:
+        shutil.copy(record.path, subset / record.path.name)
+    precomputed = folder / "precomputed"
+    started = time.perf_counter()
+    precompute(config, subset, precomputed, batch_size=256 if args.task == "inr" else 8)
+    precompute_seconds = time.perf_counter() - started
+    supervised = load_config(args.config or Path(DEFAULTS[args.task][0]), [
+        *args.overrides, *fixed, "objective.kind=supervised", f"objective.precomputed={precomputed}",
+        f"train.batch_size={min(batch, n_images)}", f"train.max_steps={run_steps}"])
+    field_dir, seconds = train_field(supervised, subset, folder / "run")
+    return field_dir, precompute_seconds + seconds, precompute_seconds
+
+
 def report(result: dict) -> None:
     metric, T = result["metric"], result["T"]
-    print(f"\n{result['task']}: held-out {metric} on {result['heldout_images']} images, T={T}, budget {result['budget']} task gradients")
-    print(f"{'':34s}{metric:>10s}{'gradients':>12s}{'seconds':>10s}")
-    print(f"{'theta_0':34s}{result['theta0']:10.4g}")
-    print(f"{'real optimisation at T':34s}{result['real_T']:10.4g}")
+    value = "PSNR dB" if result["task"] == "inr" else "R_t"
+    quarters = list(result["trajectory"]["real"])
+    print(f"\n{result['task']}: held-out {metric} on {result['heldout_images']} images, T={T}, "
+          f"budget {result['budget']} task evaluations; theta_0 {result['theta0']:.4g}, real theta_T {result['real_T']:.4g}")
+    print(f"{value + ' at t':28s}" + "".join(f"{t:>14d}" for t in quarters) + f"{'evaluations':>13s}{'seconds':>9s}")
+    print(f"{'real optimisation':28s}" + "".join(f"{result['trajectory']['real'][t]:>14.4g}" for t in quarters))
     for run in result["runs"]:
-        matching, supervised = run["matching"], run["supervised"]
-        share = f"{run['fraction']:g} budget"
-        print(f"{'field at T, ' + share:34s}{run['field_T']:10.4g}{matching['gradients']:12d}{matching['seconds']:10.0f}")
-        if supervised is not None:
-            print(f"{f'supervised at T, {share}':34s}{run['supervised_T']:10.4g}{supervised['gradients']:12d}{supervised['seconds']:10.0f}")
-    if "R_field" in result:
-        print(f"R_field {result['R_field']:.3f}, R_supervised {result['R_supervised']:.3f}")
+        for arm, summary in run["arms"].items():
+            cells = "".join(f"{summary['trajectory'][t]:>8.4g} ±{summary['stderr'][t]:<4.2g}" for t in quarters)
+            label = f"{arm}, budget x{run['fraction']:g}"
+            print(f"{label:28s}{cells}{summary['gradients']:>13d}{summary['seconds']:>9.0f}")
     print(f"total {result['seconds']:.0f} s")
 
 
@@ -289,19 +376,23 @@ def plot(result: dict, path: Path) -> None:
     figure, (along, budget) = plt.subplots(1, 2, figsize=(10, 4))
     along.plot(result["t"], result["real_along_t"], "k-", label="real optimisation")
     for run in result["runs"]:
-        along.plot(result["t"], run["field_along_t"], "-", label=f"field, budget x{run['fraction']:g}")
-    along.plot([result["T"]], [result["supervised_T"]], "s", label="supervised at T (full budget)")
+        for arm, summary in run["arms"].items():
+            along.plot(result["t"], summary["along_t"], "-", label=f"{arm}, budget x{run['fraction']:g}")
     along.set_xlabel("step t")
     along.set_ylabel(f"held-out {metric}")
-    along.legend()
-    budgets = [run["budget"] for run in result["runs"]]
-    budget.plot(budgets, [run["field_T"] for run in result["runs"]], "o-", label="field (gradient matching)")
-    baseline = [run for run in result["runs"] if run["supervised"] is not None]
-    budget.plot([run["budget"] for run in baseline], [run["supervised_T"] for run in baseline], "s-", label="supervised (two-phase)")
-    budget.axhline(result["real_T"], color="k", linestyle="--", label="real optimisation at T")
+    along.legend(fontsize=7)
+    T = result["T"]
+    for arm, marker in zip(ARMS, ("o-", "^-", "s-")):
+        runs = [run for run in result["runs"] if arm in run["arms"]]
+        if not runs:
+            continue
+        budget.errorbar([run["budget"] for run in runs], [run["arms"][arm]["trajectory"][T] for run in runs],
+                        yerr=[run["arms"][arm]["stderr"][T] for run in runs], fmt=marker, label=arm, capsize=3)
+    if result["task"] == "inr":
+        budget.axhline(result["real_T"], color="k", linestyle="--", label="real optimisation at T")
     budget.set_xscale("log")
-    budget.set_xlabel("task-gradient evaluations")
-    budget.set_ylabel(f"held-out {metric} at T")
+    budget.set_xlabel("task evaluations")
+    budget.set_ylabel("held-out PSNR dB at T" if result["task"] == "inr" else "R at T")
     budget.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -53,7 +54,7 @@ def test_kohya_and_diffusers_files_fuse_to_the_same_weights_with_the_trained_alp
     base, from_diffusers, from_kohya = (fused_unet_weights(f) for f in (None, tmp_path / "d.safetensors", tmp_path / "k.safetensors"))
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as file:
         key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-        a, b = file.get_tensor(f"unet.{key}.lora_A.weight"), file.get_tensor(f"unet.{key}.lora_B.weight")
+        a, b = (file.get_tensor(f"unet.{key}.lora_{factor}.weight").float() for factor in "AB")
     # alpha 8 at rank 4: diffusers must apply scale 2, not the alpha = r default of 1.
     assert torch.allclose(from_diffusers[f"{key}.weight"] - base[f"{key}.weight"], 2.0 * b @ a, atol=1e-6)
     changed = 0
@@ -82,6 +83,50 @@ def test_files_carry_provenance_and_kohya_alpha(trained, tmp_path):
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as file:
         config = json.loads(file.metadata()[ADAPTER_METADATA_KEY])
     assert config["unet.r"] == 4 and config["unet.lora_alpha"] == 8 and len(config["unet.target_modules"]) == 48
+
+
+def tensor_bytes(path: Path) -> int:
+    """The bytes of a safetensors file after its header: the tensors' data alone."""
+    with path.open("rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")  # the format's 8-byte little-endian header size
+    return path.stat().st_size - 8 - header_length
+
+
+def test_fp16_is_the_default_half_the_size_and_fuses_within_fp16_rounding_of_fp32(trained, tmp_path):
+    files = {precision: tmp_path / f"{precision}.safetensors" for precision in ("default", "fp16", "bf16", "fp32")}
+    for precision, path in files.items():
+        extra = [] if precision == "default" else ["--precision", precision]
+        result = export(trained, path, "--image", str(trained.photo), *extra)
+        assert result.exit_code == 0, result.output
+    with safe_open(str(files["default"]), "pt") as file:
+        assert {file.get_tensor(k).dtype for k in file.keys()} == {torch.float16}
+    assert tensor_bytes(files["fp16"]) * 2 == tensor_bytes(files["fp32"]) == tensor_bytes(files["bf16"]) * 2
+    assert files["fp16"].stat().st_size < 0.7 * files["fp32"].stat().st_size  # the tiny LoRA's header is a third of it
+    base = fused_unet_weights(None)
+    fused = {precision: fused_unet_weights(files[precision]) for precision in ("fp16", "bf16", "fp32")}
+    # fp16 keeps 11 significant bits, bf16 8: each factor is off by at most 2^-11 (2^-8) of itself, their product
+    # by about twice that.
+    for precision, bound in (("fp16", 2e-3), ("bf16", 1.6e-2)):
+        for name in base:
+            exact = fused["fp32"][name] - base[name]
+            assert (fused[precision][name] - base[name] - exact).norm() <= bound * exact.norm(), (precision, name)
+
+
+def test_an_fp16_file_gives_the_images_of_the_fp32_file(trained, tmp_path):
+    def images(lora_file: Path | None) -> np.ndarray:
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_models_dir() / "pipeline")
+        pipe.set_progress_bar_config(disable=True)
+        if lora_file is not None:
+            pipe.load_lora_weights(str(lora_file))
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a photo of sks", num_inference_steps=4, generator=generator, output_type="np").images
+
+    for precision in ("fp16", "fp32"):
+        export(trained, tmp_path / f"{precision}.safetensors", "--image", str(trained.photo), "--precision", precision)
+    base, fp16, fp32 = images(None), images(tmp_path / "fp16.safetensors"), images(tmp_path / "fp32.safetensors")
+    lora_effect = np.abs(fp32 - base).max()
+    assert lora_effect > 1e-3  # the LoRA visibly changes the image, so the comparison below means something
+    assert np.abs(fp16 - fp32).max() <= 0.01 * lora_effect
 
 
 def test_a_folder_of_photos_gives_one_file_per_usable_photo(trained, tmp_path):

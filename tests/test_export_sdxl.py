@@ -1,4 +1,5 @@
-"""An SDXL field's kohya file uses the SGM module names sd-scripts writes, and diffusers fuses it like the diffusers file."""
+"""An SDXL field's kohya file uses the SGM module names sd-scripts writes, diffusers fuses it like the diffusers file,
+and both say they are for SDXL the way A1111 and ComfyUI read it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from hyperfields.cli.main import app
 from hyperfields.models import resolve_model_path
 from hyperfields.models.tiny import TINY_XL
+from tests.test_metadata import a1111_sd_version
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -48,6 +50,15 @@ def test_sdxl_kohya_export_uses_sgm_names_and_fuses_like_diffusers(tmp_path):
         assert exported.exit_code == 0, exported.output
     with safe_open(str(files["kohya"]), "pt") as file:
         keys = list(file.keys())
+        header = file.metadata()
+    assert a1111_sd_version(header) == "SDXL"
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["ss_v2"] == "False"
+    assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert header["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"  # SGM names
+    with safe_open(str(files["diffusers"]), "pt") as file:
+        header = file.metadata()
+    assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert header["modelspec.implementation"] == "diffusers"
     assert keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for k in keys)
     base, from_diffusers, from_kohya = (fused_unet_weights(f) for f in (None, files["diffusers"], files["kohya"]))
     changed = 0

@@ -105,10 +105,11 @@ def test_field_folders_round_trip_through_save_field(trained, tmp_path):
         assert torch.equal(copy.encoder.model.state_dict()[name], value), name
 
 
-# The keys of a LoRA field's config.json, as every field folder written so far has them.
+# The keys of a LoRA field's config.json, as field folders have them (older ones lack base_family and still load).
 RECORD_KEYS = {"format", "format_version", "base_model", "encoder", "train_encoder", "layout", "task", "targets",
                "sdxl_layers_per_block", "rank", "alpha", "init_seed", "steps", "step_size", "update", "resolution",
-               "caption_template", "token", "field", "trained_steps", "heldout_recovered", "config", "versions"}
+               "caption_template", "token", "field", "trained_steps", "heldout_recovered", "config", "versions",
+               "base_family"}
 
 
 def test_a_lora_field_record_keeps_its_keys_and_reads_back_unchanged(trained):

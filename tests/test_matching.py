@@ -7,7 +7,9 @@ import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.field.model import HyperField
-from hyperfields.matching import NonFiniteError, gradient_matching_loss, step_loss, update_direction
+from hyperfields.matching import (
+    NonFiniteError, gradient_matching_loss, step_loss, update_direction,
+)
 from tests.conftest import QuadraticTask, tiny_vit_encoder
 
 
@@ -38,6 +40,7 @@ def train_on_quadratic(task: QuadraticTask, images: torch.Tensor, objective: Obj
 
 # "position" bootstraps forward from theta_0, one step per update, so on this toy it is exact at T
 # but still converging at small t after the same number of iterations.
+@pytest.mark.slow
 @pytest.mark.parametrize("match, along_t, at_T", [("difference", 0.05, 0.05), ("position", 0.2, 0.02)])
 def test_matching_reproduces_the_closed_form_trajectory(quadratic_task, match, along_t, at_T):
     objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd", rollout=1, noise_draws=1, match=match)
@@ -109,3 +112,4 @@ def test_end_weight_adds_the_task_loss_at_T_relative_to_theta0(quadratic_task):
         theta0 = {name: w.expand(3, *w.shape) for name, w in quadratic_task.initial_weights().items()}
         relative = quadratic_task.loss(at_T, inputs, 1, None) / quadratic_task.loss(theta0, inputs, 1, None)
     torch.testing.assert_close(losses[2.0] - losses[0.0], 2.0 * relative.mean())
+

@@ -9,6 +9,10 @@ import typer
 
 from hyperfields.cli.common import FieldOption, LoraFormatOption, StepOption, refuse_lora_options, reports_errors
 from hyperfields.errors import UserError
+from hyperfields.lora import LoraPrecision
+
+PrecisionOption = Annotated[LoraPrecision, typer.Option(
+    "--precision", help="Number type of the stored weights: fp16 (as shared LoRAs are; half of fp32), bf16 or fp32.")]
 
 ImagesOption = Annotated[Path | None, typer.Option("--images", help="A folder of photos: one file per photo.")]
 
@@ -22,6 +26,7 @@ def export_command(
     images: ImagesOption = None,
     format: LoraFormatOption = "diffusers",
     step: StepOption = None,
+    precision: PrecisionOption = "fp16",
 ) -> None:
     """Write the weights the field predicts for a photo: a LoRA in a format diffusers, A1111 or ComfyUI load."""
     if (image is None) == (images is None):
@@ -31,13 +36,13 @@ def export_command(
     from hyperfields.predict import default_device, resolve_step
 
     loaded, record = load_field(field, device=default_device())
-    refuse_lora_options(ctx, record.task, ["format"])
+    refuse_lora_options(ctx, record.task, ["format", "precision"])
     t = resolve_step(record.steps, step)
     if image is not None:
-        written = [export_photo(loaded, record, image, out, t, format)]
+        written = [export_photo(loaded, record, image, out, t, format, precision)]
     else:
-        written = export_folder(loaded, record, images, out, t, format,
+        written = export_folder(loaded, record, images, out, t, format, precision,
                                 warn=lambda message: typer.echo(message, err=True))
-    kind = f"{format} LoRA" if record.task == "lora" else f"{record.task} weights"
+    kind = f"{format} {precision} LoRA" if record.task == "lora" else f"{record.task} weights"
     what = f"{kind} '{written[0]}'" if image is not None else f"{len(written)} {kind} files to '{out}'"
     typer.echo(f"wrote {what} (t = {t:g} of T = {record.steps})")

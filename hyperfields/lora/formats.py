@@ -2,28 +2,77 @@
 
 Both carry the trained alpha. diffusers reads it from the LoraConfig stored as JSON in the safetensors
 header (without it the loader assumes alpha = r); kohya files store it per module as a `.alpha` tensor.
+Both carry the ModelSpec keys (`modelspec.*`) that say which base model the LoRA is for; kohya files also carry
+the `ss_*` keys sd-scripts writes, which A1111 reads to file a LoRA under SD 1.x, SD 2.x or SDXL.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 from safetensors.torch import save_file
 
 from hyperfields.errors import UserError
 from hyperfields.files import atomic_write
-from hyperfields.lora import LoraFormat
+from hyperfields.lora import LoraFormat, LoraPrecision
 
 FORMATS: tuple[str, ...] = get_args(LoraFormat)
+DTYPES: dict[LoraPrecision, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; tests/test_export.py checks the two agree.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 UNET_PREFIX = "unet."
 KOHYA_PREFIX = "lora_unet_"
+
+
+@dataclass(frozen=True)
+class BaseModelFamily:
+    """Which Stable Diffusion a LoRA is for, told apart the way sd-scripts' flags (--v2, --v_parameterization) do."""
+
+    sdxl: bool
+    v2: bool  # SD 2.x: its UNet reads 1024-wide text embeddings (OpenCLIP ViT-H), SD 1.x's read 768
+    v_prediction: bool  # the scheduler predicts v, not the noise (SD 2.x 768-v)
+
+    @classmethod
+    def from_configs(cls, unet_config: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> BaseModelFamily:
+        """The family of a diffusers base model, from its UNet's and its scheduler's config."""
+        sdxl = unet_config.get("addition_embed_type") == "text_time"  # SDXL's pooled-text and size conditioning
+        return cls(sdxl=sdxl, v2=not sdxl and unet_config.get("cross_attention_dim") == 1024,
+                   v_prediction=scheduler_config.get("prediction_type") == "v_prediction")
+
+    @property
+    def base_model_version(self) -> str:
+        """sd-scripts' `ss_base_model_version`: sd_v1, sd_v2, with _v for v-prediction, or sdxl_base_v1-0."""
+        if self.sdxl:
+            return "sdxl_base_v1-0"
+        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_prediction else "")
+
+    @property
+    def architecture(self) -> str:
+        """ModelSpec's `modelspec.architecture` of a LoRA for this base model."""
+        if self.sdxl:
+            base = "stable-diffusion-xl-v1-base"
+        elif self.v2:
+            base = "stable-diffusion-v2-768-v" if self.v_prediction else "stable-diffusion-v2-512"
+        else:
+            base = "stable-diffusion-v1"
+        return f"{base}/lora"
+
+
+@dataclass(frozen=True)
+class LoraOrigin:
+    """What a LoRA was trained for and with, in the terms other tools file LoRAs by."""
+
+    base_model: str  # the base model's hub id or folder
+    family: BaseModelFamily
+    resolution: int  # side of the square training images, in pixels
+    trigger_phrase: str  # what a prompt says to bring in the subject
 
 
 @dataclass
@@ -53,16 +102,18 @@ class LoraWeights:
         return self.scale * self.tensors[f"{target}.lora_B"].float() @ self.tensors[f"{target}.lora_A"].float()
 
 
-def _cpu(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().float().contiguous().cpu()
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Rounded once from float32, the precision the field predicts in.
+    return tensor.detach().float().to(dtype).contiguous().cpu()
 
 
-def diffusers_state_dict(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def diffusers_state_dict(lora: LoraWeights, dtype: torch.dtype = torch.float32,
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and header of a diffusers/peft LoRA file: `unet.<module>.lora_A.weight` / `.lora_B.weight`."""
     tensors = {}
     for target in lora.targets:
-        tensors[f"{UNET_PREFIX}{target}.lora_A.weight"] = _cpu(lora.tensors[f"{target}.lora_A"])
-        tensors[f"{UNET_PREFIX}{target}.lora_B.weight"] = _cpu(lora.tensors[f"{target}.lora_B"])
+        tensors[f"{UNET_PREFIX}{target}.lora_A.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
+        tensors[f"{UNET_PREFIX}{target}.lora_B.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
     # Whole module names as target_modules: peft matches them exactly, so no other layer gets a LoRA.
     config = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.targets}
     header = {**lora.metadata, ADAPTER_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in config.items()}, sort_keys=True)}
@@ -112,25 +163,78 @@ def kohya_name_sdxl(target: str, layers_per_block: int = 2) -> str:
     return KOHYA_PREFIX + sgm_unet_name(target, layers_per_block).replace(".", "_")
 
 
-def kohya_state_dict(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def kohya_state_dict(lora: LoraWeights, dtype: torch.dtype = torch.float32,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`."""
     tensors = {}
     for target in lora.targets:
         name = kohya_name(target) if lora.sdxl_layers_per_block is None else kohya_name_sdxl(target, lora.sdxl_layers_per_block)
-        tensors[f"{name}.lora_down.weight"] = _cpu(lora.tensors[f"{target}.lora_A"])
-        tensors[f"{name}.lora_up.weight"] = _cpu(lora.tensors[f"{target}.lora_B"])
+        tensors[f"{name}.lora_down.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
+        tensors[f"{name}.lora_up.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
+        # A scalar kept in float32 whatever the precision, so the scale stays exact; loaders read it with .item().
         tensors[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
+    # sd-scripts writes every value with str(): alpha as a float ("8.0"), dim as an int.
     header = {**lora.metadata, "ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
-              "ss_network_alpha": f"{lora.alpha:g}"}
+              "ss_network_alpha": str(float(lora.alpha))}
     return tensors, header
 
 
-def write_lora(lora: LoraWeights, path: Path, format: LoraFormat) -> Path:
-    """`path`, holding `lora` as a safetensors file in `format`, written atomically."""
+# ModelSpec's implementation: whose module names the file's keys are. sd-scripts names SDXL modules by the SGM UNet.
+IMPLEMENTATION_DIFFUSERS = "diffusers"
+IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"
+
+
+def modelspec_header(origin: LoraOrigin, title: str, implementation: str) -> dict[str, str]:
+    """The ModelSpec (`modelspec.*`) keys of a LoRA file, with the values sd-scripts writes."""
+    side = origin.resolution
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": origin.family.architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{side}x{side}",
+        "modelspec.prediction_type": "v" if origin.family.v_prediction else "epsilon",
+        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.trigger_phrase": origin.trigger_phrase,
+    }
+
+
+def kohya_training_header(origin: LoraOrigin, output_name: str) -> dict[str, str]:
+    """The `ss_*` keys sd-scripts writes about the training run that A1111 and LoRA managers read, as it writes them."""
+    side = origin.resolution
+    local = Path(origin.base_model).expanduser()
+    return {
+        "ss_base_model_version": origin.family.base_model_version,  # A1111: "sdxl_" -> SDXL
+        "ss_v2": str(origin.family.v2),  # A1111: "True" -> SD 2.x, else SD 1.x
+        "ss_output_name": output_name,
+        "ss_resolution": str((side, side)),
+        "ss_sd_model_name": local.name if local.exists() else origin.base_model,  # a folder by its name, as sd-scripts
+        # One photo captioned with the trigger phrase, filed as sd-scripts files a DreamBooth folder: {"<repeats>_<class
+        # tokens>": {tag: count}}, tags lower-cased; LoRA managers offer its most frequent tags as trigger words.
+        "ss_tag_frequency": json.dumps({f"1_{origin.trigger_phrase}": {origin.trigger_phrase.lower(): 1}}),
+    }
+
+
+def write_lora(lora: LoraWeights, path: Path, format: LoraFormat, precision: LoraPrecision = "fp32",
+               origin: LoraOrigin | None = None) -> Path:
+    """`path`, holding `lora` as a safetensors file in `format` and `precision`, written atomically.
+
+    With `origin` the header also says which base model the LoRA is for and how to trigger it (ModelSpec keys, and
+    in a kohya file sd-scripts' keys), under the title of the file's name.
+    """
+    path = Path(path)
+    if precision not in DTYPES:
+        raise ValueError(f"unknown LoRA precision {precision!r}; expected one of {', '.join(DTYPES)}")
     if format == "diffusers":
-        tensors, header = diffusers_state_dict(lora)
+        tensors, header = diffusers_state_dict(lora, DTYPES[precision])
+        if origin is not None:
+            header.update(modelspec_header(origin, path.stem, IMPLEMENTATION_DIFFUSERS))
     elif format == "kohya":
-        tensors, header = kohya_state_dict(lora)
+        tensors, header = kohya_state_dict(lora, DTYPES[precision])
+        if origin is not None:
+            implementation = IMPLEMENTATION_DIFFUSERS if lora.sdxl_layers_per_block is None else IMPLEMENTATION_SGM
+            header.update(kohya_training_header(origin, path.stem))
+            header.update(modelspec_header(origin, path.stem, implementation))
     else:
         raise ValueError(f"unknown LoRA format {format!r}; expected one of {', '.join(FORMATS)}")
     return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt", **header}))

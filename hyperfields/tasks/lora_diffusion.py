@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from hyperfields.config import LoraConfig
 from hyperfields.errors import UserError
 from hyperfields.lora.batched import BatchedLora
+from hyperfields.lora.formats import BaseModelFamily
 from hyperfields.lora.targets import find_lora_targets, lora_layout
 from hyperfields.models import PipelineParts
 from hyperfields.tasks.base import Weights
@@ -52,11 +54,16 @@ class LoraDiffusionTask:
         """For an SDXL UNet, its layers per block (kohya files name SDXL modules by the SGM layout); else None."""
         return int(self.parts.unet.config.layers_per_block) if self.parts.is_sdxl else None
 
+    def base_family(self) -> BaseModelFamily:
+        """Which Stable Diffusion the base model is (1.x, 2.x or XL; noise or v-prediction), to label LoRA files."""
+        return BaseModelFamily.from_configs(self.parts.unet.config, self.parts.noise_scheduler.config)
+
     def record(self) -> dict[str, Any]:
-        """The base model, the LoRA's targets, rank, alpha and A_0 seed, and SDXL's layers per block (kohya names)."""
+        """The base model and its family, the LoRA's targets, rank, alpha and A_0 seed, and SDXL's layers per block."""
         return {"base_model": self.parts.name, "targets": self.targets,
                 "sdxl_layers_per_block": self.sdxl_layers_per_block(), "rank": self.config.rank,
-                "alpha": self.config.alpha, "init_seed": self.config.init_seed}
+                "alpha": self.config.alpha, "init_seed": self.config.init_seed,
+                "base_family": dataclasses.asdict(self.base_family())}
 
     def layout(self) -> dict[str, tuple[int, ...]]:
         return dict(self._layout)

@@ -1,0 +1,31 @@
+"""Independent random streams: one torch.Generator per purpose, derived from (seed, step, process, purpose, index).
+
+Every draw of a run (which images, which steps t, which noise) comes from its own stream, and a stream depends only
+on these numbers: a resumed run draws exactly what an uninterrupted one would, without restoring any global RNG
+state. The numbers are hashed, not added: two generators seeded with the same integer return the same draws, and
+with additive seeds the picks of one micro-batch and the steps t of another landed on the same seed, which tied
+every training image to one t.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+# What a stream is for; a new purpose gets a new name, never a number reused from another.
+PURPOSES = ("picks", "steps", "noise", "reference", "evaluation", "precompute", "refine")
+
+
+def stream_seed(seed: int, purpose: str, step: int = 0, process: int = 0, index: int = 0) -> int:
+    """A 63-bit seed, unrelated for any two distinct (seed, purpose, step, process, index)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown random stream purpose {purpose!r}; expected one of {', '.join(PURPOSES)}")
+    key = f"{seed}/{purpose}/{step}/{process}/{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def stream(seed: int, purpose: str, step: int = 0, process: int = 0, index: int = 0,
+           device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` seeded by `stream_seed` of these numbers."""
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, purpose, step, process, index))
