@@ -185,7 +185,7 @@ def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tm
         result = runner.invoke(app, [
             "train", "--config", "configs/inr.yaml", "--data", str(crops), "--output", str(output), "--max-steps", "2",
             "--checkpoint-every", "1", "--set", "train.heldout=0", "--set", "objective.steps=10",
-            "--set", "objective.end_weight=0", "--set", "field.width=32", "--set", "field.depth=1",
+            "--set", "objective.end_weight=0", "--set", "objective.loss=relative_mse", "--set", "field.width=32", "--set", "field.depth=1",
             "--set", "train.warmup_steps=1", "--set", f"train.batch_size={batch}",
             "--set", f"train.gradient_accumulation={accumulation}",
         ])
