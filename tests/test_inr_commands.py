@@ -133,6 +133,7 @@ def test_generate_at_step_zero_renders_theta0_at_the_field_resolution(inr_field,
     "args, flag",
     [
         (["export", "--format", "kohya", "--out", "{tmp}/x.safetensors"], "--format"),
+        (["export", "--precision", "fp32", "--out", "{tmp}/x.safetensors"], "--precision"),
         (["generate", "--prompt", "a photo of sks", "--out", "{tmp}/images"], "--prompt"),
         (["generate", "--base-model", "tiny", "--out", "{tmp}/images"], "--base-model"),
         (["generate", "--guidance-scale", "3", "--out", "{tmp}/images"], "--guidance-scale"),
