@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from hyperfields.config import ObjectiveConfig
-from hyperfields.matching import real_trajectory
+from hyperfields.objectives import real_trajectory
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights
 from hyperfields.streams import stream
 

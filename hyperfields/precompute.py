@@ -20,7 +20,7 @@ from hyperfields.config import Config
 from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder, split_heldout
 from hyperfields.errors import UserError, error_line
 from hyperfields.files import write_folder
-from hyperfields.matching import real_trajectory
+from hyperfields.objectives import real_trajectory
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
 from hyperfields.streams import stream

@@ -18,7 +18,7 @@ from hyperfields.field.model import HyperField
 from hyperfields.predict import Photo, check_base_model, predict_lora, require_task
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
-from hyperfields.matching import real_trajectory
+from hyperfields.objectives import real_trajectory
 from hyperfields.models import load_pipeline_components
 from hyperfields.tasks.base import Weights
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask

@@ -26,7 +26,7 @@ from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import FieldRecord, save_field
 from hyperfields.field.model import HyperField
 from hyperfields.files import replace_folder, writable_folder
-from hyperfields.matching import NonFiniteError, direct_loss, gradient_matching_loss, supervised_loss
+from hyperfields.objectives import NonFiniteError, direct_loss, gradient_matching_loss, supervised_loss
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
 from hyperfields.streams import stream

@@ -43,7 +43,7 @@ from hyperfields.config import Config, load_config  # noqa: E402
 from hyperfields.data import ImageCaptionDataset, scan_image_folder  # noqa: E402
 from hyperfields.evaluation import heldout_losses, psnr_db  # noqa: E402
 from hyperfields.field.io import load_field  # noqa: E402
-from hyperfields.matching import real_trajectory  # noqa: E402
+from hyperfields.objectives import real_trajectory  # noqa: E402
 from hyperfields.precompute import precompute  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights  # noqa: E402

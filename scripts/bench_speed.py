@@ -39,7 +39,7 @@ from hyperfields.models.architectures import UNETS, build_dinov2_base, build_une
 from hyperfields.config import Config, load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402
-from hyperfields.matching import gradient_matching_loss  # noqa: E402
+from hyperfields.objectives import gradient_matching_loss  # noqa: E402
 from hyperfields.models import PipelineParts, load_encoder, load_pipeline_components  # noqa: E402
 from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.field.model import HyperField
-from hyperfields.matching import gradient_matching_loss
+from hyperfields.objectives import gradient_matching_loss
 from tests.conftest import QuadraticTask, tiny_vit_encoder
 
 

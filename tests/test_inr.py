@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hyperfields.config import InrConfig, ObjectiveConfig
 from hyperfields.evaluation import heldout_reference, psnr_db
-from hyperfields.matching import real_trajectory
+from hyperfields.objectives import real_trajectory
 from hyperfields.tasks.base import ImageFittingTask
 from hyperfields.tasks.inr import InrTask
 

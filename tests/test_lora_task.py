@@ -8,7 +8,7 @@ import torch
 from hyperfields.config import LoraConfig, ObjectiveConfig
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
-from hyperfields.matching import gradient_matching_loss, task_gradients
+from hyperfields.objectives import gradient_matching_loss, task_gradients
 from hyperfields.models import load_encoder, load_pipeline_components
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 

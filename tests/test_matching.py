@@ -7,7 +7,7 @@ import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.field.model import HyperField
-from hyperfields.matching import (
+from hyperfields.objectives import (
     NonFiniteError, gradient_matching_loss, step_loss, update_direction,
 )
 from tests.conftest import QuadraticTask, tiny_vit_encoder

@@ -17,7 +17,7 @@ from hyperfields.cli.main import app
 from hyperfields.config import load_config
 from hyperfields.data import load_image
 from hyperfields.field.io import load_field
-from hyperfields.matching import real_trajectory, supervised_loss
+from hyperfields.objectives import real_trajectory, supervised_loss
 from hyperfields.tasks import build_task
 from tests.conftest import clean_exit
 

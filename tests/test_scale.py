@@ -17,7 +17,7 @@ from hyperfields.cli.main import app
 from hyperfields.config import LoraConfig
 from hyperfields.lora.formats import kohya_name_sdxl
 from hyperfields.lora.targets import find_lora_targets
-from hyperfields.matching import step_loss, task_gradients, update_direction
+from hyperfields.objectives import step_loss, task_gradients, update_direction
 from hyperfields.models import load_pipeline_components
 from hyperfields.models.tiny import TINY_XL
 from hyperfields.tasks.cache import ConditionCache

@@ -6,7 +6,7 @@ import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.field.model import HyperField
-from hyperfields.matching import direct_loss, end_loss, hinge_loss
+from hyperfields.objectives import direct_loss, end_loss, hinge_loss
 from hyperfields.streams import stream, stream_seed
 from hyperfields.trainer import training_draws
 from tests.conftest import QuadraticTask, tiny_vit_encoder
