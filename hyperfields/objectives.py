@@ -219,3 +219,46 @@ def supervised_loss(field: Callable[..., Weights], field_inputs: dict[str, torch
         {name: w - theta0[name] for name, w in theta_T.items()},
         "relative_mse",
     )
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as every objective takes it."""
+
+    field_inputs: dict[str, torch.Tensor]  # the field's image side: images, or a frozen encoder's tokens
+    inputs: Any  # the task's prepared inputs for the same images
+    t: torch.Tensor  # (N,) steps t of gradient matching
+    generator: torch.Generator  # the task's noise draws
+    theta_T: Weights | None = None  # supervised: the precomputed theta_T of these images
+    theta0: Weights | None = None  # supervised: the field's theta_0
+
+
+Objective = Callable[[Callable[..., Weights], Task, MicroBatch, ObjectiveConfig], tuple[torch.Tensor, dict[str, float]]]
+
+
+def _matching(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    stats = gradient_matching_loss(field, task, batch.field_inputs, batch.inputs, batch.t, objective, batch.generator)
+    return stats.loss, {"task_loss": stats.task_loss, "step_norm": stats.step_norm}
+
+
+def _direct(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
+            ) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = direct_loss(field, task, batch.field_inputs, batch.inputs, objective, batch.generator)
+    return loss, {"task_loss": float(loss.detach())}
+
+
+def _supervised(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    if batch.theta_T is None or batch.theta0 is None:
+        raise ValueError("objective.kind=supervised needs the micro-batch's precomputed theta_T and theta_0")
+    return supervised_loss(field, batch.field_inputs, batch.theta_T, objective.steps, batch.theta0), {}
+
+
+OBJECTIVES: dict[str, Objective] = {"matching": _matching, "direct": _direct, "supervised": _supervised}
+
+
+def objective_loss(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of `objective.kind` on one micro-batch, with grad, and the mean values to log beside it."""
+    return OBJECTIVES[objective.kind](field, task, batch, objective)

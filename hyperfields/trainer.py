@@ -26,7 +26,7 @@ from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import FieldRecord, save_field
 from hyperfields.field.model import HyperField
 from hyperfields.files import replace_folder, writable_folder
-from hyperfields.objectives import NonFiniteError, direct_loss, gradient_matching_loss, supervised_loss
+from hyperfields.objectives import MicroBatch, NonFiniteError, objective_loss
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
 from hyperfields.streams import stream
@@ -254,24 +254,22 @@ class Trainer:
         with torch.no_grad():  # a frozen encoder runs once per step, outside the field's graph
             return {"encoder_tokens": self.accelerator.unwrap_model(self.field).encoder(images)}
 
+    def _micro_batch(self, picks: list[int], t: torch.Tensor, generator: torch.Generator) -> MicroBatch:
+        """What the objective takes for these training images: conditions, steps t, noise, precomputed theta_T."""
+        field_inputs, inputs = self.cache.get(picks) if self.cache is not None else self._conditions(picks)
+        if self.theta_T is None:
+            return MicroBatch(field_inputs, inputs, t, generator)
+        theta_T = {name: w[picks].to(self.accelerator.device) for name, w in self.theta_T.items()}
+        return MicroBatch(field_inputs, inputs, t, generator, theta_T, self.accelerator.unwrap_model(self.field).theta0())
+
     def train_step(self) -> dict[str, float]:
         """One optimiser update (gradient_accumulation micro-batches); raises NonFiniteError on NaN/Inf."""
         acc, objective = self.accelerator, self.config.objective
         logs: dict[str, float] = {"loss": 0.0}
         for micro in range(self.config.train.gradient_accumulation):
-            picks, t, generator = self._draws(micro)
-            field_inputs, inputs = self.cache.get(picks) if self.cache is not None else self._conditions(picks)
+            batch = self._micro_batch(*self._draws(micro))
             with acc.accumulate(self.field):
-                if self.theta_T is not None:
-                    theta_T = {name: w[picks].to(acc.device) for name, w in self.theta_T.items()}
-                    loss = supervised_loss(self.field, field_inputs, theta_T, objective.steps, acc.unwrap_model(self.field).theta0())
-                    values = {}
-                elif objective.kind == "direct":
-                    loss = direct_loss(self.field, self.task, field_inputs, inputs, objective, generator)
-                    values = {"task_loss": float(loss.detach())}
-                else:
-                    stats = gradient_matching_loss(self.field, self.task, field_inputs, inputs, t, objective, generator)
-                    loss, values = stats.loss, {"task_loss": stats.task_loss, "step_norm": stats.step_norm}
+                loss, values = objective_loss(self.field, self.task, batch, objective)
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"non-finite {objective.kind} loss")
                 acc.backward(loss)

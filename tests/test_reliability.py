@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load, load_file, save_file
 from typer.testing import CliRunner
 
-from hyperfields import trainer
+from hyperfields import objectives
 from hyperfields.cli.main import app
 from hyperfields.errors import UserError
 from hyperfields.field.io import load_field
@@ -163,7 +163,7 @@ NONFINITE = {
     "task loss": (LoraDiffusionTask, "loss", lambda loss: loss * float("nan"), "non-finite task loss"),
     "field output": (HyperField, "forward", lambda weights: {k: w * float("inf") for k, w in weights.items()}, "non-finite field output"),
     # sqrt'(0) * 0 = inf * 0: the loss stays finite, its gradient is NaN.
-    "field gradient": (trainer, "gradient_matching_loss", lambda stats: replace(stats, loss=stats.loss + (stats.loss * 0).sqrt()),
+    "field gradient": (objectives, "gradient_matching_loss", lambda stats: replace(stats, loss=stats.loss + (stats.loss * 0).sqrt()),
                        "non-finite gradient of the field"),
 }
 
