@@ -48,7 +48,7 @@ from hyperfields.precompute import precompute  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights  # noqa: E402
 from hyperfields.streams import stream  # noqa: E402
-from hyperfields.trainer import Trainer  # noqa: E402
+from hyperfields.training.loop import Trainer  # noqa: E402
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
                 "coins", "moon", "brick", "grass", "page", "text", "cell")

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from hyperfields.config import load_config
-from hyperfields.trainer import Trainer
+from hyperfields.training.loop import Trainer
 
 data, output = Path(sys.argv[1]), Path(sys.argv[2])
 config = load_config(Path("configs/tiny.yaml"), sys.argv[3:])

@@ -34,6 +34,6 @@ def train_command(
     cfg = load_config(config, overrides)
     if not data.is_dir():
         raise UserError(f"--data '{data}' is not a folder of images")
-    from hyperfields.trainer import train  # heavy imports only once the arguments are known to be good
+    from hyperfields.training import train  # heavy imports only once the arguments are known to be good
 
     train(cfg, data, output, resume)
