@@ -29,3 +29,12 @@ def stream(seed: int, purpose: str, step: int = 0, process: int = 0, index: int 
            device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on `device` seeded by `stream_seed` of these numbers."""
     return torch.Generator(device=device).manual_seed(stream_seed(seed, purpose, step, process, index))
+
+
+def training_draws(seed: int, step: int, process: int, micro: int, images: int, batch: int, last_t: int,
+                   ) -> tuple[list[int], torch.Tensor]:
+    """Which of `images` training images a micro-batch trains on, and each one's step t in [0, last_t]: two
+    independent streams, so every image meets every t."""
+    picks = torch.randint(0, images, (batch,), generator=stream(seed, "picks", step, process, micro)).tolist()
+    t = torch.randint(0, last_t + 1, (batch,), generator=stream(seed, "steps", step, process, micro))
+    return picks, t

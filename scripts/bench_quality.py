@@ -48,7 +48,7 @@ from hyperfields.precompute import precompute  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights  # noqa: E402
 from hyperfields.streams import stream  # noqa: E402
-from hyperfields.training.loop import Trainer  # noqa: E402
+from hyperfields.training import train  # noqa: E402
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
                 "coins", "moon", "brick", "grass", "page", "text", "cell")
@@ -178,7 +178,7 @@ def recovered(theta0: torch.Tensor, real: torch.Tensor, field: torch.Tensor) -> 
 
 def train_field(config: Config, data: Path, output: Path) -> tuple[Path, float]:
     started = time.perf_counter()
-    result = Trainer(config, data, output).train()
+    result = train(config, data, output)
     return result.field_dir, time.perf_counter() - started
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from hyperfields.config import load_config
-from hyperfields.training.loop import Trainer
+from hyperfields.training.build import build_run
+from hyperfields.training.loop import fit
 
 data, output = Path(sys.argv[1]), Path(sys.argv[2])
 config = load_config(Path("configs/tiny.yaml"), sys.argv[3:])
-trainer = Trainer(config, data, output)
-trainer.train()
-field = trainer.accelerator.unwrap_model(trainer.field)
+run = build_run(config, data, output)
+fit(run)
+field = run.accelerator.unwrap_model(run.field)
 params = {name: p.detach().contiguous() for name, p in field.named_parameters() if p.requires_grad}
-save_file(params, str(output / f"params-rank{trainer.accelerator.process_index}.safetensors"))
-print(f"rank {trainer.accelerator.process_index} of {trainer.accelerator.num_processes} done", flush=True)
+save_file(params, str(output / f"params-rank{run.accelerator.process_index}.safetensors"))
+print(f"rank {run.accelerator.process_index} of {run.accelerator.num_processes} done", flush=True)

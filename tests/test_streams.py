@@ -7,8 +7,7 @@ import torch
 from hyperfields.config import ObjectiveConfig
 from hyperfields.field.model import HyperField
 from hyperfields.objectives import direct_loss, end_loss, hinge_loss
-from hyperfields.streams import stream, stream_seed
-from hyperfields.training.loop import training_draws
+from hyperfields.streams import stream, stream_seed, training_draws
 from tests.conftest import QuadraticTask, tiny_vit_encoder
 from tests.test_matching import colour_images
 

@@ -166,7 +166,7 @@ def test_ema_field_is_the_moving_average_not_the_last_weights(photos, tmp_path):
 
 
 def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tmp_path, monkeypatch):
-    from hyperfields.training import loop
+    from hyperfields.training import step as training_step
 
     rng = np.random.default_rng(3)
     crops = tmp_path / "crops"
@@ -178,7 +178,7 @@ def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tm
     def draws_in_order(seed, step, process, micro, images, batch, last_t):
         return list(range(micro * batch, (micro + 1) * batch)), torch.full((batch,), 3)
 
-    monkeypatch.setattr(loop, "training_draws", draws_in_order)
+    monkeypatch.setattr(training_step, "training_draws", draws_in_order)
     fields = {}
     for batch, accumulation in ((4, 1), (2, 2)):
         output = tmp_path / f"run-{batch}x{accumulation}"

@@ -1,0 +1,163 @@
+"""Everything a run trains with, built from a Config: the accelerator, the images, the task, the field, its
+optimiser, EMA and condition cache, and the record a trained field is saved with."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from hyperfields.config import Config
+from hyperfields.data import ImageCaptionDataset, scan_image_folder, split_heldout
+from hyperfields.errors import UserError
+from hyperfields.evaluation import HeldoutReference
+from hyperfields.field.encoder import ImageEncoder
+from hyperfields.field.io import FieldRecord
+from hyperfields.field.model import HyperField
+from hyperfields.models import load_encoder
+from hyperfields.precompute import load_precomputed
+from hyperfields.tasks import build_task
+from hyperfields.tasks.base import Task, Weights
+from hyperfields.tasks.cache import ConditionCache
+from hyperfields.training.ema import EMA
+from hyperfields.training.logs import print0
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Conditions = Callable[[list[int]], tuple[dict[str, torch.Tensor], Any]]
+
+
+@dataclass
+class TrainingRun:
+    """What one run trains with; the loop adds only its step counter."""
+
+    config: Config
+    output: Path  # the run folder: checkpoints/, logs/, field/
+    accelerator: Accelerator
+    task: Task
+    field: torch.nn.Module  # as accelerate prepared it (wrapped for several processes)
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None  # train.ema_decay > 0
+    dataset: ImageCaptionDataset  # the training images
+    heldout: ImageCaptionDataset  # the held-out images, scored by evaluation
+    conditions: Conditions  # training image indices -> (field inputs, task inputs), cached with train.cache_latents
+    theta_T: Weights | None  # objective.kind=supervised: precomputed theta_T, row i for dataset[i]
+    reference: HeldoutReference | None = None  # real optimisation of the held-out images, computed once
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor at each step: linear warmup to 1, then a cosine down to 0 at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_accelerator(config: Config, output: Path) -> Accelerator:
+    """The run's Accelerator: gradient accumulation, tensorboard logs under `output/logs`, the GPU when there is one."""
+    return Accelerator(
+        gradient_accumulation_steps=config.train.gradient_accumulation,
+        # train.mixed_precision only sets the frozen models' dtype: the field stays fp32 without autocast,
+        # because its steps Psi(t+1) - Psi(t) are ~1/T of its outputs and bf16 would round them away.
+        mixed_precision="no",
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def load_images(config: Config, data_dir: Path, accelerator: Accelerator,
+                ) -> tuple[ImageCaptionDataset, ImageCaptionDataset]:
+    """The training and held-out images of `data_dir`, each skipped file named once."""
+    def warn(message: str) -> None:
+        print0(accelerator, message, markup=False)
+
+    report = scan_image_folder(data_dir, config.data.caption_template, config.data.token, config.model.resolution, warn)
+    print0(accelerator, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
+    train_records, heldout_records = split_heldout(report.records, config.train.heldout, config.train.seed)
+    return (ImageCaptionDataset(train_records, config.model.resolution),
+            ImageCaptionDataset(heldout_records, config.model.resolution))
+
+
+def build_field(config: Config, task: Task) -> HyperField:
+    """A new field for `task`'s layout, its encoder loaded, initialised from train.seed."""
+    train = config.train
+    dtype = torch.float32 if config.model.train_encoder else DTYPES[train.mixed_precision]
+    encoder_model, norm = load_encoder(config.model.encoder, dtype)
+    encoder = ImageEncoder(encoder_model, norm, trainable=config.model.train_encoder)
+    torch.manual_seed(train.seed)  # the same init on every process
+    return HyperField(
+        encoder, task.layout(), task.initial_weights(), task.init_std(), steps=config.objective.steps,
+        **dataclasses.asdict(config.field),
+    )
+
+
+def condition_reader(dataset: ImageCaptionDataset, task: Task, field: torch.nn.Module, train_encoder: bool,
+                     device: torch.device) -> Conditions:
+    """A function giving the field's inputs and the task's prepared inputs for a list of training image indices."""
+    def conditions(picks: list[int]) -> tuple[dict[str, torch.Tensor], Any]:
+        items = [dataset[i] for i in picks]
+        images = torch.stack([item["pixel_values"] for item in items]).to(device)
+        if train_encoder:
+            field_inputs = {"images": images}
+        else:
+            with torch.no_grad():  # a frozen encoder runs once per step, outside the field's graph
+                field_inputs = {"encoder_tokens": field.encoder(images)}
+        return field_inputs, task.prepare(images, [item["caption"] for item in items])
+    return conditions
+
+
+def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
+    """The accelerator, images, task, field, optimiser, schedule, EMA and conditions of a run writing to `output`."""
+    train, objective = config.train, config.objective
+    accelerator = make_accelerator(config, output)
+    dataset, heldout = load_images(config, data_dir, accelerator)
+    # Frozen models in the compute precision, the field and its optimiser in fp32.
+    task = build_task(config, accelerator.device, DTYPES[train.mixed_precision])
+    field = build_field(config, task)
+    parameters = [p for p in field.parameters() if p.requires_grad]
+    # The fused kernel: on CPU a step of a small field takes a quarter of the per-tensor loop's time.
+    fused = {"fused": True} if accelerator.device.type in ("cpu", "cuda") else {}
+    optimizer = torch.optim.AdamW(parameters, lr=train.learning_rate, weight_decay=train.weight_decay, **fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
+    prepared, optimizer, schedule = accelerator.prepare(field, optimizer, schedule)
+    ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
+    conditions = condition_reader(dataset, task, accelerator.unwrap_model(prepared), config.model.train_encoder,
+                                  accelerator.device)
+    if train.cache_latents:
+        conditions = ConditionCache(conditions, accelerator.device).get
+    theta_T = None
+    if objective.kind == "supervised":
+        if not objective.precomputed:
+            raise UserError("config key 'objective.precomputed': objective.kind=supervised needs the folder written by "
+                            "'hyperfields precompute', e.g. objective.precomputed=runs/precomputed")
+        theta_T = load_precomputed(Path(objective.precomputed), task, dataset.records, data_dir, objective.steps)
+    if objective.kind != "matching" and objective.end_weight > 0:
+        print0(accelerator, f"note: objective.end_weight={objective.end_weight:g} is part of gradient matching; "
+                            f"objective.kind={objective.kind} does not use it")
+    print0(accelerator, f"field: {sum(p.numel() for p in parameters) / 1e6:.2f}M trainable parameters predicting "
+                        f"{len(task.layout())} tensors on {accelerator.num_processes} process(es), "
+                        f"device {accelerator.device}")
+    return TrainingRun(config, output, accelerator, task, prepared, optimizer, schedule, ema, dataset, heldout,
+                       conditions, theta_T)
+
+
+def field_record(config: Config, task: Task, trained_steps: int, recovered: float | None) -> FieldRecord:
+    """How the field was made, for its folder: the run's settings, the task's own keys, and how training went."""
+    return FieldRecord(
+        task=config.model.task, encoder=config.model.encoder, train_encoder=config.model.train_encoder,
+        layout=task.layout(), steps=config.objective.steps, field=dataclasses.asdict(config.field),
+        resolution=config.model.resolution, task_settings=task.record(), step_size=config.objective.step_size,
+        update=config.objective.update, caption_template=config.data.caption_template, token=config.data.token,
+        trained_steps=trained_steps, heldout_recovered=recovered, config=config.to_dict(),
+    )
