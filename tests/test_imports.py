@@ -83,3 +83,12 @@ def test_library_code_never_imports_the_command_line():
         if not name.startswith("hyperfields.cli") and name != "hyperfields.__main__"
     }
     assert {name: targets for name, targets in offenders.items() if targets} == {}
+
+
+def test_only_the_command_line_imports_training():
+    graph = import_graph()
+    importers = {
+        name for name, targets in graph.items()
+        if not name.startswith("hyperfields.training") and any(t.startswith("hyperfields.training") for t in targets)
+    }
+    assert importers == {"hyperfields.cli.train"}

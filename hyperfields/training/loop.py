@@ -28,6 +28,8 @@ from hyperfields.training.step import train_step
 
 @dataclass
 class TrainResult:
+    """What a finished run gives back: its field folder, the steps trained and the held-out R."""
+
     field_dir: Path
     steps: int
     recovered: float | None  # held-out R at the end, when images were held out
