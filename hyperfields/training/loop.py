@@ -79,8 +79,7 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, run.ema)
         print0(accelerator, f"resumed from '{resume_from}' at step {state.step}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("hyperfields", config=hparams(config.to_dict()))
+    accelerator.init_trackers("hyperfields", config=hparams(config.to_dict()))  # on the main process only
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, run.output, state, config.to_dict(), run.ema, train.checkpoints_limit)
@@ -114,9 +113,9 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
     if accelerator.is_main_process:
         record = field_record(config, run.task, state.step, recovered)
         save_field(accelerator.unwrap_model(run.field), field_dir, record)
-        if state.skipped_nonfinite:
-            print0(accelerator, f"skipped {state.skipped_nonfinite} step(s) with non-finite values")
-        print0(accelerator, f"field written to '{field_dir}'")
+    if state.skipped_nonfinite:
+        print0(accelerator, f"skipped {state.skipped_nonfinite} step(s) with non-finite values")
+    print0(accelerator, f"field written to '{field_dir}'")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(field_dir=field_dir, steps=state.step, recovered=recovered)
