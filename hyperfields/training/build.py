@@ -48,7 +48,8 @@ class TrainingRun:
     ema: EMA | None  # train.ema_decay > 0
     dataset: ImageCaptionDataset  # the training images
     heldout: ImageCaptionDataset  # the held-out images, scored by evaluation
-    conditions: Conditions  # training image indices -> (field inputs, task inputs), cached with train.cache_latents
+    conditions: Conditions  # training image indices -> (field inputs, task inputs), computed
+    cache: ConditionCache | None  # the same, kept per image after first use (train.cache_latents)
     theta_T: Weights | None  # objective.kind=supervised: precomputed theta_T, row i for dataset[i]
     reference: HeldoutReference | None = None  # real optimisation of the held-out images, computed once
 
@@ -134,8 +135,7 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
     ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
     conditions = condition_reader(dataset, task, accelerator.unwrap_model(prepared), config.model.train_encoder,
                                   accelerator.device)
-    if train.cache_latents:
-        conditions = ConditionCache(conditions, accelerator.device).get
+    cache = ConditionCache(conditions, accelerator.device) if train.cache_latents else None
     theta_T = None
     if objective.kind == "supervised":
         if not objective.precomputed:
@@ -149,7 +149,7 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
                         f"{len(task.layout())} tensors on {accelerator.num_processes} process(es), "
                         f"device {accelerator.device}")
     return TrainingRun(config, output, accelerator, task, prepared, optimizer, schedule, ema, dataset, heldout,
-                       conditions, theta_T)
+                       conditions, cache, theta_T)
 
 
 def field_record(config: Config, task: Task, trained_steps: int, recovered: float | None) -> FieldRecord:

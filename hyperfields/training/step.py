@@ -16,7 +16,7 @@ def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
     picks, t = training_draws(seed, step, process, micro, len(run.dataset), config.train.batch_size,
                               config.objective.steps - config.objective.rollout)
     noise = stream(seed, "noise", step, process, micro, accelerator.device)
-    field_inputs, inputs = run.conditions(picks)
+    field_inputs, inputs = run.cache.get(picks) if run.cache is not None else run.conditions(picks)
     if run.theta_T is None:
         return MicroBatch(field_inputs, inputs, t.to(accelerator.device), noise)
     theta_T = {name: w[picks].to(accelerator.device) for name, w in run.theta_T.items()}
