@@ -36,7 +36,7 @@ Conditions = Callable[[list[int]], tuple[dict[str, torch.Tensor], Any]]
 
 @dataclass
 class TrainingRun:
-    """What one run trains with; the loop adds only its step counter."""
+    """What one run trains with, built from its Config; the loop keeps its own step counter."""
 
     config: Config
     output: Path  # the run folder: checkpoints/, logs/, field/
