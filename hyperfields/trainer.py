@@ -19,13 +19,14 @@ from safetensors.torch import load_file, save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hyperfields.config import Config
-from hyperfields.data import ImageCaptionDataset, scan_image_folder, split_heldout
+from hyperfields.data import ImageCaptionDataset, split_heldout
 from hyperfields.errors import TrainingError, UserError
 from hyperfields.evaluation import HeldoutReference, evaluate_field, heldout_reference
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import save_field
 from hyperfields.field.model import HyperField
 from hyperfields.files import replace_folder, writable_folder
+from hyperfields.manifest import MANIFEST_NAME, scan_with_manifest
 from hyperfields.matching import NonFiniteError, direct_loss, gradient_matching_loss, supervised_loss
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
@@ -140,7 +141,9 @@ class Trainer:
         )
         acc = self.accelerator
         warn = (lambda message: print0(acc, message, markup=False)) if acc.is_main_process else (lambda message: None)
-        report = scan_image_folder(Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn)
+        # Decoded once by the main process into the run folder's manifest; the others and resumed runs reuse it.
+        report, _ = scan_with_manifest(Path(data_dir), self.output / MANIFEST_NAME, config.data.caption_template, config.data.token,
+                                       config.model.resolution, warn, acc.is_main_process, acc.wait_for_everyone)
         print0(acc, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
         self.train_records, self.heldout_records = split_heldout(report.records, train.heldout, train.seed)
         self.dataset = ImageCaptionDataset(self.train_records, config.model.resolution)
