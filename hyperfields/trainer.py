@@ -32,7 +32,7 @@ from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
 from hyperfields.streams import stream
 from hyperfields.tasks import build_task
-from hyperfields.tasks.cache import ConditionCache
+from hyperfields.tasks.cache import condition_cache
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -165,7 +165,7 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
         self.field, self.optimizer, self.schedule = acc.prepare(field, optimizer, schedule)
         self.ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
-        self.cache = ConditionCache(self._conditions, acc.device) if train.cache_latents else None
+        self.cache = condition_cache(config, self._conditions, acc.device, self.train_records, self.output, warn)
         # Two-phase baseline: theta_T of every training image, row i for self.dataset[i].
         self.theta_T = None
         if config.objective.kind == "supervised":

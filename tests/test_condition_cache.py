@@ -1,0 +1,130 @@
+"""train.cache: the same field with no cache, the memory cache and the disk cache; disk entries reused, never stale."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from hyperfields.cli.main import app
+from hyperfields.config import Config, load_config
+from hyperfields.data import ImageRecord
+from hyperfields.tasks.cache import ConditionCache, DiskRows, condition_identity
+from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask
+
+runner = CliRunner()
+FAST = ["train.batch_size=2", "objective.steps=6", "train.heldout=0", "field.width=32", "field.depth=1",
+        "train.warmup_steps=1", "train.checkpoint_every=0", "train.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def invoke(command: str, photos: Path, output: Path, *settings: str):
+    options = [a for s in (*FAST, *settings) for a in ("--set", s)]
+    return runner.invoke(app, [*command.split(), "--config", "configs/tiny.yaml", "--data", str(photos),
+                               "--output", str(output), *options])
+
+
+def field_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "field" / "model.safetensors"))
+
+
+def test_no_cache_memory_cache_and_disk_cache_train_the_same_field(photos, tmp_path):
+    fields = {}
+    for kind, setting in (("none", "train.cache=none"), ("memory", "train.cache_latents=true"), ("disk", "train.cache=disk")):
+        result = invoke("train", photos, tmp_path / kind, setting)
+        assert result.exit_code == 0, result.output
+        fields[kind] = field_weights(tmp_path / kind)
+        if kind == "memory":  # the old key still works, with one note
+            assert "train.cache_latents is deprecated" in result.output
+    assert 0 < len(list((tmp_path / "disk" / "cache").rglob("*.safetensors"))) <= 5  # one per image drawn
+    for kind in ("memory", "disk"):
+        for name, tensor in fields["none"].items():
+            torch.testing.assert_close(fields[kind][name], tensor, rtol=0, atol=1e-6, msg=f"{kind}: {name}")
+
+
+def test_cache_build_fills_the_cache_that_training_then_only_reads(photos, tmp_path, monkeypatch):
+    result = invoke("cache build", photos, tmp_path / "run", "train.cache_dir=" + str(tmp_path / "shared"))
+    assert result.exit_code == 0, result.output
+    assert "all 5 training images" in result.output
+    entries = sorted((tmp_path / "shared").rglob("*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    assert len(entries) == 5
+
+    def no_encoding(self, images, captions):
+        raise AssertionError("a cached condition was computed again")
+
+    monkeypatch.setattr(LoraDiffusionTask, "prepare", no_encoding)
+    result = invoke("train", photos, tmp_path / "run", "train.cache=disk", "train.cache_dir=" + str(tmp_path / "shared"))
+    assert result.exit_code == 0, result.output
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "shared").rglob("*.safetensors"))] == stamps
+
+
+def test_cache_latents_with_cache_disk_is_a_one_line_error(photos, tmp_path):
+    result = invoke("train", photos, tmp_path / "run", "train.cache_latents=true", "train.cache=disk")
+    assert result.exit_code == 2 and "train.cache_latents" in result.output and "Traceback" not in result.output
+
+
+def rows_of(records: list[ImageRecord], calls: list[list[int]]):
+    def compute(indices: list[int]) -> tuple[dict[str, torch.Tensor], DiffusionInputs]:
+        calls.append(indices)
+        values = torch.tensor([float(len(records[i].caption)) for i in indices])
+        return ({"encoder_tokens": values.view(-1, 1, 1).expand(-1, 2, 3).clone()},
+                DiffusionInputs(latents=values.view(-1, 1, 1, 1) * 2, text_embeddings=values.view(-1, 1, 1) + 1))
+    return compute
+
+
+def test_disk_entries_are_reused_across_caches_and_never_for_another_model(photos, tmp_path):
+    records = [ImageRecord(photos / f"p{i}.png", "a photo of sks" + "!" * i) for i in range(3)]
+    identity = condition_identity(Config())
+    calls: list[list[int]] = []
+    first = ConditionCache(rows_of(records, calls), torch.device("cpu"), DiskRows(tmp_path, records, identity))
+    field_inputs, inputs = first.get([2, 0, 2])
+    assert calls == [[0, 2]]
+    assert inputs.pooled_text_embeddings is None and inputs.latents.shape == (3, 1, 1, 1)
+    torch.testing.assert_close(inputs.text_embeddings.flatten(), torch.tensor([17.0, 15.0, 17.0]))
+
+    again = ConditionCache(rows_of(records, calls), torch.device("cpu"), DiskRows(tmp_path, records, identity))
+    reread, reread_inputs = again.get([2, 0, 2])
+    assert calls == [[0, 2]]  # a later run computes nothing it finds on disk
+    torch.testing.assert_close(reread["encoder_tokens"], field_inputs["encoder_tokens"])
+    assert dataclasses.asdict(reread_inputs).keys() == dataclasses.asdict(inputs).keys()
+
+    other_model = condition_identity(load_config(None, ["model.resolution=128"]))
+    other_caption = [dataclasses.replace(records[0], caption="another caption"), *records[1:]]
+    for changed_records, changed_identity in ((records, other_model), (other_caption, identity)):
+        ConditionCache(rows_of(changed_records, calls), torch.device("cpu"),
+                       DiskRows(tmp_path, changed_records, changed_identity)).get([0])
+    assert calls == [[0, 2], [0], [0]]
+
+
+@pytest.mark.parametrize("key", ["base_model=other", "encoder=other", "resolution=32", "task=inr"])
+def test_every_frozen_model_setting_changes_the_identity(key):
+    assert condition_identity(load_config(None, [f"model.{key}"])) != condition_identity(Config())
+    assert condition_identity(load_config(None, ["train.mixed_precision=bf16"])) != condition_identity(Config())
+
+
+def test_a_damaged_entry_is_computed_again(photos, tmp_path):
+    records = [ImageRecord(photos / "p0.png", "a photo of sks")]
+    calls: list[list[int]] = []
+    rows = DiskRows(tmp_path, records, condition_identity(Config()))
+    expected = ConditionCache(rows_of(records, calls), torch.device("cpu"), rows).get([0])
+    entry = rows.path(0)
+    entry.write_bytes(entry.read_bytes()[:40])
+    field_inputs, inputs = ConditionCache(rows_of(records, calls), torch.device("cpu"), rows).get([0])
+    assert calls == [[0], [0]]
+    torch.testing.assert_close(inputs.latents, expected[1].latents)
+    assert len(load_file(str(entry))) == 3  # replaced by a complete entry
