@@ -80,10 +80,14 @@ def read_manifest(path: Path, folder: Path, note: Callable[[str], None]) -> dict
     return {}
 
 
-def write_manifest(path: Path, folder: Path, report: ScanReport, entries: dict[str, dict[str, Any]]) -> None:
-    """Write the manifest atomically: the checks of every image seen, with the caption each usable one got."""
+def manifest_images(folder: Path, report: ScanReport, entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The manifest's per-image entries: the checks of every image seen, with the caption each usable one got."""
     captions = {record.path.relative_to(folder).as_posix(): record.caption for record in report.records}
-    images = {name: {**entry, "caption": captions.get(name)} for name, entry in entries.items()}
+    return {name: {**entry, "caption": captions.get(name)} for name, entry in entries.items()}
+
+
+def write_manifest(path: Path, folder: Path, images: dict[str, dict[str, Any]]) -> None:
+    """Write the manifest of `folder` atomically."""
     content = {"format": FORMAT, "version": VERSION, "folder": str(folder.resolve()), "images": images}
     atomic_write(path, lambda temporary: temporary.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8"))
 
@@ -110,8 +114,9 @@ def scan_with_manifest(
     try:
         checks = ImageChecks(folder, read_manifest(manifest, folder, warn), decode)
         report = scan_image_folder(folder, caption_template, token, resolution, warn, check=checks.check)
-        if writer:  # also when nothing was decoded: the captions it records may have changed
-            write_manifest(manifest, folder, report, checks.entries)
+        images = manifest_images(folder, report, checks.entries)
+        if writer and images != checks.known:  # also when nothing was decoded: a caption may have changed
+            write_manifest(manifest, folder, images)
     finally:  # also when the scan fails, so the waiting processes go on and report the same error
         if writer:
             barrier()

@@ -77,6 +77,20 @@ def test_changed_and_new_files_are_decoded_again(tmp_path: Path, decodes: list[s
     assert sorted(written["images"]) == ["broken.png", "p1.png", "p2.png", "p3.png"]
 
 
+def test_a_caption_edit_is_recorded_without_decoding(tmp_path: Path, decodes: list[str]) -> None:
+    folder = photos(tmp_path / "photos", 2)
+    scan(folder, tmp_path / "run")
+    manifest = tmp_path / "run" / MANIFEST_NAME
+    stamp = manifest.stat().st_mtime_ns
+    scan(folder, tmp_path / "run")
+    assert manifest.stat().st_mtime_ns == stamp  # nothing changed, nothing written
+    decodes.clear()
+    (folder / "p1.txt").write_text("a photo of sks in the snow")
+    report = scan(folder, tmp_path / "run")
+    assert decodes == [] and report.records[1].caption == "a photo of sks in the snow"
+    assert json.loads(manifest.read_text())["images"]["p1.png"]["caption"] == "a photo of sks in the snow"
+
+
 @pytest.mark.parametrize("damage", ["truncated", "version", "folder"])
 def test_a_bad_manifest_is_rebuilt_with_one_note(tmp_path: Path, decodes: list[str], damage: str) -> None:
     folder = photos(tmp_path / "photos", 2)
