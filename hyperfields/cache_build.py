@@ -16,6 +16,7 @@ class CacheBuild:
     folder: Path
     images: int  # training images whose conditions are now on disk
     processes: int
+    main_process: bool  # whether this is the process that reports
 
 
 def build_cache(config: Config, data_dir: Path, output: Path, batch_size: int,
@@ -37,4 +38,5 @@ def build_cache(config: Config, data_dir: Path, output: Path, batch_size: int,
     acc.wait_for_everyone()
     acc.end_training()
     assert isinstance(cache.store, DiskRows)
-    return CacheBuild(folder=cache.store.folder, images=len(trainer.dataset), processes=acc.num_processes)
+    return CacheBuild(folder=cache.store.folder, images=len(trainer.dataset), processes=acc.num_processes,
+                      main_process=acc.is_main_process)

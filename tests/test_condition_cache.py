@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from hyperfields import data
 from hyperfields.cli.main import app
 from hyperfields.config import Config, load_config
 from hyperfields.data import ImageRecord
@@ -67,7 +71,11 @@ def test_cache_build_fills_the_cache_that_training_then_only_reads(photos, tmp_p
     def no_encoding(self, images, captions):
         raise AssertionError("a cached condition was computed again")
 
+    def no_decoding(path):
+        raise AssertionError(f"{path} was decoded again")
+
     monkeypatch.setattr(LoraDiffusionTask, "prepare", no_encoding)
+    monkeypatch.setattr(data, "check_image", no_decoding)  # the build's scan manifest is in the run folder
     result = invoke("train", photos, tmp_path / "run", "train.cache=disk", "train.cache_dir=" + str(tmp_path / "shared"))
     assert result.exit_code == 0, result.output
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "shared").rglob("*.safetensors"))] == stamps
@@ -128,3 +136,17 @@ def test_a_damaged_entry_is_computed_again(photos, tmp_path):
     assert calls == [[0], [0]]
     torch.testing.assert_close(inputs.latents, expected[1].latents)
     assert len(load_file(str(entry))) == 3  # replaced by a complete entry
+
+
+@pytest.mark.slow
+def test_cache_build_under_torchrun_splits_the_images_across_processes(photos, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "hyperfields", "cache", "build",
+               "--config", "configs/tiny.yaml", "--data", str(photos), "--output", str(tmp_path / "run"),
+               "--batch-size", "2", *[a for s in FAST for a in ("--set", s)]]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "cached 3 of 3 images of this process" in result.stderr  # rank 0's share: images 0, 2 and 4 of 5
+    assert result.stdout.count("holds the conditions of all 5 training images (built by 2 process(es))") == 1
+    assert len(list((tmp_path / "run" / "cache").rglob("*.safetensors"))) == 5

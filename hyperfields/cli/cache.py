@@ -41,5 +41,6 @@ def build_command(
         typer.echo(f"cached {done} of {total} images of this process", err=True)
 
     built = build_cache(cfg, data, output, batch_size, progress)
-    typer.echo(f"cache '{built.folder}' holds the conditions of all {built.images} training images "
-               f"(built by {built.processes} process(es)); train with --set train.cache=disk")
+    if built.main_process:
+            typer.echo(f"cache '{built.folder}' holds the conditions of all {built.images} training images "
+                       f"(built by {built.processes} process(es)); train with --set train.cache=disk")
