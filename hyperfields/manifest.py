@@ -9,7 +9,6 @@ read again on every scan, since a caption file can change without its image chan
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -26,8 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ["train.batch_size=4", "objective.steps=6", "train.heldout=0", "field.width=32", "field.depth=1",

@@ -11,15 +11,20 @@ from hyperfields.cli.common import BaseModelOption, ConfigOption, EncoderOption,
 from hyperfields.config import load_config
 from hyperfields.errors import UserError
 
+DataOption = Annotated[Path, typer.Option(
+    "--data", "-d", help="Folder of training images, as given to 'hyperfields train'.")]
+OutputOption = Annotated[Path, typer.Option(
+    "--output", "-o", help="Run folder of the training run (its scan manifest is shared); the cache goes to "
+                           "train.cache_dir, by default OUTPUT/cache.")]
+
 cache_app = typer.Typer(help="The on-disk cache of training conditions (train.cache=disk).", no_args_is_help=True)
 
 
 @cache_app.command("build")
 @reports_errors
 def build_command(
-    data: Annotated[Path, typer.Option("--data", "-d", help="Folder of training images, as given to 'hyperfields train'.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder of the training run; the cache goes to train.cache_dir, "
-                                                                "by default OUTPUT/cache.")],
+    data: DataOption,
+    output: OutputOption,
     config: ConfigOption = None,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
@@ -35,7 +40,9 @@ def build_command(
     cfg = load_config(config, [*overrides, "train.cache=disk", "train.cache_latents=false"])
     if not data.is_dir():
         raise UserError(f"--data '{data}' is not a folder of images")
-    from hyperfields.cache_build import build_cache  # heavy imports only once the arguments are known to be good
+    from hyperfields.cache_build import (
+        build_cache,  # heavy imports only once the arguments are known to be good
+    )
 
     def progress(done: int, total: int) -> None:
         typer.echo(f"cached {done} of {total} images of this process", err=True)

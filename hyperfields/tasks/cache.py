@@ -180,7 +180,8 @@ class ConditionCache:
     images it drew. The default store is this process's memory.
     """
 
-    def __init__(self, compute: Callable[[list[int]], Any], device: torch.device, store: RowStore | None = None) -> None:
+    def __init__(self, compute: Callable[[list[int]], Any], device: torch.device,
+                 store: RowStore | None = None) -> None:
         self.compute = compute
         self.device = device
         self.store = store if store is not None else MemoryRows()
