@@ -26,7 +26,7 @@ def build_cache(config: Config, data_dir: Path, output: Path, batch_size: int,
     Built by the trainer itself, so the entries are exactly those a training step would compute; under torchrun
     each process computes every num_processes-th image. Entries already on disk are kept.
     """
-    if config.train.cache != "disk" or config.train.cache_latents:
+    if config.train.cache != "disk":
         raise ValueError("build_cache needs train.cache=disk")
     trainer = Trainer(config, data_dir, output)
     acc, cache = trainer.accelerator, trainer.cache

@@ -219,9 +219,11 @@ def _validate(config: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")
-    if config.train.cache_latents and config.train.cache == "disk":
-        raise UserError("config key 'train.cache_latents': it is the old name of train.cache=memory and contradicts "
-                        "train.cache=disk; remove train.cache_latents")
+    if config.train.cache_latents:
+        if config.train.cache == "disk":
+            raise UserError("config key 'train.cache_latents': it is the old name of train.cache=memory and "
+                            "contradicts train.cache=disk; remove train.cache_latents")
+        config.train.cache = "memory"  # the alias resolved once, so only train.cache is ever read
     if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
         raise UserError(f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {config.data.caption_template!r}")
 

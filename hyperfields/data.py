@@ -276,14 +276,17 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Items are {"pixel_values": (3, R, R) float tensor in [-1, 1], "caption": str, "path": str}.
 
-    Decoded tensors are kept in memory after first use: personalisation folders
-    are tens of images, and decoding dominates a step otherwise. Each DataLoader
-    worker process keeps its own cache. Don't modify returned tensors in place.
+    With `keep_decoded`, decoded tensors are kept in memory after first use:
+    personalisation folders are tens of images, and decoding dominates a step
+    otherwise. Each DataLoader worker process keeps its own cache. Don't modify
+    returned tensors in place. Without it (a condition cache reads each image
+    once), memory does not grow with the folder.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], resolution: int) -> None:
+    def __init__(self, records: Sequence[ImageRecord], resolution: int, keep_decoded: bool = True) -> None:
         self.records = list(records)
         self.resolution = resolution
+        self.keep_decoded = keep_decoded
         self._cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -301,7 +304,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                     f"cannot read image '{record.path}' ({_one_line(exc)}); "
                     "it was readable when the folder was scanned"
                 ) from exc
-            self._cache[index] = pixels
+            if self.keep_decoded:
+                self._cache[index] = pixels
         return {"pixel_values": pixels, "caption": record.caption, "path": str(record.path)}
 
 

@@ -146,7 +146,8 @@ class Trainer:
                                        config.model.resolution, warn, acc.is_main_process, acc.wait_for_everyone)
         print0(acc, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
         self.train_records, self.heldout_records = split_heldout(report.records, train.heldout, train.seed)
-        self.dataset = ImageCaptionDataset(self.train_records, config.model.resolution)
+        # A condition cache reads each training image once: keeping its pixels too would grow with the folder.
+        self.dataset = ImageCaptionDataset(self.train_records, config.model.resolution, keep_decoded=train.cache == "none")
         self.heldout = ImageCaptionDataset(self.heldout_records, config.model.resolution)
 
         # Frozen models in the compute precision, the field and its optimiser in fp32.

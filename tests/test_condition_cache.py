@@ -151,3 +151,16 @@ def test_cache_build_under_torchrun_splits_the_images_across_processes(photos, t
     assert "cached 3 of 3 images of this process" in result.stderr  # rank 0's share: images 0, 2 and 4 of 5
     assert result.stdout.count("holds the conditions of all 5 training images (built by 2 process(es))") == 1
     assert len(list((tmp_path / "run" / "cache").rglob("*.safetensors"))) == 5
+
+
+def test_with_a_condition_cache_decoded_pixels_are_not_kept(photos, tmp_path):
+    from hyperfields.data import ImageCaptionDataset
+    from hyperfields.errors import UserError
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes((photos / "p0.png").read_bytes())
+    dataset = ImageCaptionDataset([ImageRecord(photo, "a photo of sks")], 16, keep_decoded=False)
+    assert dataset[0]["pixel_values"].shape == (3, 16, 16)
+    photo.unlink()
+    with pytest.raises(UserError, match="photo.png"):
+        dataset[0]  # decoded again, so memory does not grow with the folder

@@ -208,10 +208,9 @@ def condition_cache(config: Config, compute: Callable[[list[int]], Any], device:
     train = config.train
     if train.cache_latents:
         note("note: train.cache_latents is deprecated and will be removed; use train.cache=memory")
-    kind = "memory" if train.cache_latents else train.cache
-    if kind == "none":
+    if train.cache == "none":
         return None
-    if kind == "memory":
+    if train.cache == "memory":
         return ConditionCache(compute, device)
     folder = Path(train.cache_dir) if train.cache_dir else Path(output) / "cache"
     return ConditionCache(compute, device, DiskRows(folder, records, condition_identity(config)))
