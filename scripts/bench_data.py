@@ -156,6 +156,8 @@ def main() -> None:
                "resumed_fraction": scan_resumed / scan_first, "build_s": build, "cache_mb": cache_mb,
                "memory": memory, "disk": disk,
                "disk_step_ratio": disk["paired_disk_step_ms"] / disk["paired_memory_step_ms"]}
+    alternated = (f"{disk['paired_memory_step_ms']:.1f} / {disk['paired_disk_step_ms']:.1f} ms "
+                  f"({figures['disk_step_ratio']:.2f}x)")
     rows = [("images", f"{args.images}"), ("scan, first run", f"{scan_first:.2f} s"),
             ("scan, resumed run", f"{scan_resumed:.2f} s ({100 * figures['resumed_fraction']:.1f}% of the first)"),
             ("cache build (cache=disk)", f"{build:.1f} s"), ("cache size on disk", f"{cache_mb:.1f} MB"),
@@ -163,8 +165,7 @@ def main() -> None:
             ("RSS, disk cache", f"{disk['rss_mb']:.0f} MB (peak {disk['peak_rss_mb']:.0f})"),
             ("step, memory cache (own process)", f"{memory['step_ms']:.1f} ms"),
             ("step, disk cache (own process)", f"{disk['step_ms']:.1f} ms"),
-            ("step, memory / disk alternated", f"{disk['paired_memory_step_ms']:.1f} / "
-                                               f"{disk['paired_disk_step_ms']:.1f} ms ({figures['disk_step_ratio']:.2f}x)")]
+            ("step, memory / disk alternated", alternated)]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     if args.json:
