@@ -4,7 +4,8 @@ Measures, on the tiny models (configs/tiny.yaml with a small field):
   scan_first_s / scan_resumed_s  the folder scan into a fresh run folder, then again with its manifest
   build_s / cache_mb             `hyperfields cache build` (train.cache=disk) and the cache's size on disk
   rss_mb / peak_rss_mb           a training process after it has read every training image's conditions once (an
-                                 epoch) and trained --steps steps, with train.cache=memory and with train.cache=disk
+                                 epoch) and trained --steps steps, with train.cache=memory (its rows copied from the
+                                 built cache rather than computed again) and with train.cache=disk
   step_ms                        median time of those training steps; the disk process then also alternates
                                  disk-cache and memory-cache steps, the fair comparison on a busy machine
 The memory and disk arms run in fresh processes, one at a time, so each reports only its own memory.
@@ -76,10 +77,14 @@ def train_worker(cache: str, photos: Path, run: Path, cache_dir: Path, steps: in
     The disk arm then also times disk and memory steps alternately in this one process (the memory rows copied
     from the disk), so load from other programs on the machine falls on both alike.
     """
-    from hyperfields.tasks.cache import ConditionCache
+    from hyperfields.tasks.cache import ConditionCache, DiskRows, condition_identity
     from hyperfields.trainer import Trainer
 
     trainer = Trainer(config(cache, cache_dir, steps), photos, run)
+    if cache == "memory":  # the rows an epoch would compute, read from the built cache instead of computed again
+        built = DiskRows(cache_dir, trainer.train_records, condition_identity(trainer.config))
+        for index in range(len(trainer.dataset)):
+            trainer.cache.store.keep(index, built.load(index))
     for start in range(0, len(trainer.dataset), 64):
         trainer.cache.get(list(range(start, min(start + 64, len(trainer.dataset)))))
     times = [timed_step(trainer) for _ in range(steps)]
