@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast lint clean
 
-$(BIN)/hyperfields: pyproject.toml
+$(BIN)/hyperfields: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch; a bare `torch` requirement could pull a multi-GB CUDA build.
@@ -21,8 +21,17 @@ demo: setup
 	$(BIN)/python scripts/make_demo_data.py demo/photos
 	$(BIN)/hyperfields train --config configs/tiny.yaml --data demo/photos --output demo/run
 
+# Every test; the 15 slowest are listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# Leaves out the tests marked slow (over about 10 seconds each).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import typing
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import yaml
 
 from hyperfields.errors import UserError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 @dataclass
@@ -60,16 +64,12 @@ class ObjectiveConfig:
     # loss alone (no trajectory before T); "supervised" = two-phase regression of Psi(c, T) on precomputed weights.
     kind: Literal["matching", "direct", "supervised"] = "matching"
     steps: int = 50  # T: length of the per-subject optimisation the field models
-    step_size: float = 0.05  # eta of the per-subject update (at t = 0 with a schedule)
-    # How eta changes along t: "constant", or "cosine" from eta at t = 0 to final_step_fraction x eta at t = T, so the
-    # normalised update shrinks and the real path converges instead of zig-zagging around the optimum late.
-    schedule: Literal["constant", "cosine"] = "constant"
-    final_step_fraction: float = 0.1  # schedule=cosine: eta at T (and in refinement beyond T) relative to eta
+    step_size: float = 0.05  # eta of the per-subject update
     update: Literal["sgd", "normalized", "sign"] = "normalized"  # update rule u
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
     loss: Literal["relative_mse", "cosine_norm"] = "relative_mse"  # step loss, normalised per tensor
-    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), as in DESIGN 1;
+    # What is fitted: "position" = Psi(c, t+k) to stopgrad(Psi(c, t) + k real steps), the method's target;
     # "difference" = Psi(t+k) - Psi(t) with the gradient through both ends.
     match: Literal["position", "difference"] = "position"
     max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
@@ -209,13 +209,11 @@ def _validate(config: Config) -> None:
         raise UserError(f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}")
     if config.objective.rollout >= config.objective.steps:
         raise UserError(f"config key 'objective.rollout': {config.objective.rollout} must be below objective.steps={config.objective.steps}")
-    if config.objective.final_step_fraction > 1:
-        raise UserError(f"config key 'objective.final_step_fraction': must be at most 1, got {config.objective.final_step_fraction}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
                 "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm", "objective.end_weight", "objective.hinge_weight", "objective.final_step_fraction", "inr.pixels", "field.spatial_rank"):
+                "objective.max_step_norm", "objective.end_weight", "objective.hinge_weight", "inr.pixels", "field.spatial_rank"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")
@@ -247,19 +245,55 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> Config:
     return config
 
 
-def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The Config from a YAML file (defaults where absent) with `section.key=value` overrides applied."""
+PRESETS_PACKAGE = "hyperfields.configs"
+
+
+def _preset_folder() -> Traversable:
+    try:
+        return importlib.resources.files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:  # a source checkout run without installing: the presets are its configs/ folder
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets() -> dict[str, Traversable]:
+    """The shipped preset YAML files by name ('tiny', 'inr', 'sd15', 'sdxl')."""
+    found = {entry.name.removesuffix(".yaml"): entry for entry in _preset_folder().iterdir()
+             if entry.name.endswith(".yaml")}
+    return dict(sorted(found.items()))
+
+
+def resolve_config(name: str | Path) -> Path | Traversable:
+    """The YAML file `name` stands for: a path as given, or the shipped preset of a bare name such as 'sd15'.
+
+    A bare name has no path separator and no suffix; an existing file of that name still wins over a preset.
+    """
+    text = str(name)
+    if Path(text).name != text or Path(text).suffix or Path(text).is_file():
+        return Path(name)
+    found = presets()
+    if text not in found:
+        raise UserError(f"config '{text}' is neither a file nor a preset; presets are {', '.join(found)}")
+    return found[text]
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The Config from a YAML file or preset name (defaults where absent) with `section.key=value` overrides applied."""
     values: dict[str, Any] = {}
+    where = "config"
     if path is not None:
+        source = resolve_config(path)
+        where = str(source)
         try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise UserError(f"config file '{path}' does not exist") from None
+            raise UserError(f"config file '{source}' does not exist") from None
+        except OSError as error:  # a folder, no permission
+            raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise UserError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+            raise UserError(f"config file '{source}' is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(values, dict):
-            raise UserError(f"config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
-    config = config_from_dict(values, where=str(path or "config"))
+            raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
+    config = config_from_dict(values, where=where)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:

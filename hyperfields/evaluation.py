@@ -1,5 +1,5 @@
-"""Held-out quality (DESIGN.md 6): the recovered fraction R of the loss drop that real optimisation achieves,
-and PSNR for image-fitting tasks."""
+"""Held-out quality (docs/design.md, how quality is measured): the recovered fraction R of the loss drop that
+real optimisation achieves, and PSNR for image-fitting tasks."""
 
 from __future__ import annotations
 

@@ -77,26 +77,14 @@ def task_gradients(task: Task, weights: Weights, inputs: Any, draws: int, genera
     return dict(zip(leaves, grads)), losses.detach()
 
 
-def step_size(objective: ObjectiveConfig, t: torch.Tensor) -> torch.Tensor:
-    """eta_t of the update from step t to t + 1, per sample: constant, or a cosine from eta at t = 0 to
-    objective.final_step_fraction * eta at t = T, where it stays (refinement beyond T)."""
-    if objective.schedule == "constant":
-        return torch.full_like(t, objective.step_size, dtype=torch.float32)
-    phase = (t.float() / objective.steps).clamp(max=1.0)
-    floor = objective.final_step_fraction
-    return objective.step_size * (floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.pi * phase)))
-
-
 def real_trajectory(
     task: Task, start: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator, steps: int,
-    on_step: Callable[[int], None] | None = None, first_step: torch.Tensor | int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[list[Weights], torch.Tensor]:
-    """The weights after each of `steps` real updates from `start`, which is at step `first_step` (per sample or one
-    for all): theta_{k+1} = theta_k - eta_k * u(grad); and the per-sample task loss (N,) at `start`."""
+    """The weights after each of `steps` real updates from `start` (theta_{k+1} = theta_k - eta * u(grad)),
+    and the per-sample task loss (N,) at `start`."""
     theta = {name: w.detach() for name, w in start.items()}
     groups = _shape_groups(theta)
-    n = next(iter(theta.values())).shape[0]
-    at = torch.as_tensor(first_step, device=next(iter(theta.values())).device).expand(n)
     trajectory, start_losses = [], None
     for k in range(steps):
         grads, losses = task_gradients(task, theta, inputs, objective.noise_draws, generator)
@@ -104,9 +92,8 @@ def real_trajectory(
         if not _all_finite([losses, *stacked]):
             raise NonFiniteError("non-finite task loss or gradient in a real update")
         start_losses = losses if start_losses is None else start_losses
-        eta = step_size(objective, at + k)  # (N,)
         max_norm = objective.max_step_norm / objective.step_size
-        updated = [w - eta.view(n, *([1] * (w.ndim - 1))) * _cap(_direction(g, objective.update), max_norm)
+        updated = [w - objective.step_size * _cap(_direction(g, objective.update), max_norm)
                    for w, g in zip(_stack(theta, groups), stacked)]
         theta = _unstack(updated, groups, start)
         trajectory.append(theta)
@@ -170,10 +157,9 @@ def gradient_matching_loss(
     theta_hat = [s[:, 0].detach() for s in stacks]
     if not _all_finite(theta_hat):
         raise NonFiniteError("non-finite field output")
-    targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout,
-                                           first_step=t)
+    targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout)
     real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
-    # "position" (DESIGN 1): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
+    # "position" (docs/design.md): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
     # gradient through both ends and fits Psi(t+k) - Psi(t) as a whole.
     start = [s[:, 0].detach() if objective.match == "position" else s[:, 0] for s in stacks]

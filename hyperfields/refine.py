@@ -59,8 +59,7 @@ def refine(field: HyperField, photo: Photo, steps: int, base_model: str, rank: i
             return float(task.loss(weights, inputs, eval_draws, stream(seed, "evaluation", device=device)).mean())
 
     generator = stream(seed, "refine", device=device)
-    trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step,
-                                    first_step=objective.steps)  # refinement continues the trajectory after T
+    trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step)
     refined = LoraWeights(
         tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()}, alpha=start.alpha,
         metadata={**predicted.metadata, "hyperfields.refine_steps": str(steps)},

@@ -20,8 +20,7 @@ cells = "  ".join(f"{arm} " + " / ".join(f"{v:.2f}" for v in values.values()) fo
 print(f"{sys.argv[2]:28s} {cells}  ({r['seconds']:.0f} s)", flush=True)
 PY
 }
-run constant-end300        field,direct "--set=objective.end_weight=300"
-run cosine-end300          field,direct "--set=objective.schedule=cosine" "--set=objective.end_weight=300"
-run cosine-hinge10         field "--set=objective.schedule=cosine" "--set=objective.end_weight=0" "--set=objective.hinge_weight=10"
-run cosine-hinge10-end300  field "--set=objective.schedule=cosine" "--set=objective.end_weight=300" "--set=objective.hinge_weight=10"
-run cosine-matching        field "--set=objective.schedule=cosine" "--set=objective.end_weight=0"
+run end300                field,direct "--set=objective.end_weight=300"
+run end300-cosine-norm    field "--set=objective.end_weight=300" "--set=objective.loss=cosine_norm"
+run hinge10-end300        field "--set=objective.end_weight=300" "--set=objective.hinge_weight=10"
+run hinge10               field "--set=objective.end_weight=0" "--set=objective.hinge_weight=10"

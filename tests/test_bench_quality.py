@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow
 def test_inr_benchmark_writes_the_table_json_and_plot(tmp_path: Path) -> None:
     train, heldout = _crops(tmp_path / "train", 12, 0), _crops(tmp_path / "heldout", 3, 1)
     out = tmp_path / "q.json"

@@ -58,6 +58,7 @@ def test_train_writes_a_loadable_field_and_checkpoints(photos, tmp_path):
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*")), "tensorboard logs are written"
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_restores_the_step_counter_and_matches_an_uninterrupted_run(photos, tmp_path):
     run = tmp_path / "run"
     assert run_train(photos, run, "--max-steps", "4", "--checkpoint-every", "2").exit_code == 0
@@ -111,17 +112,90 @@ def test_help_lists_the_commands():
     assert "--resume" in result.output and "--checkpoint-every" in result.output
 
 
-@pytest.mark.parametrize("options", [
-    ["--set", "train.mixed_precision=bf16"],
-    ["--set", "train.gradient_accumulation=2", "--set", "train.ema_decay=0.5"],
-    ["--set", "objective.rollout=2", "--set", "objective.update=sign", "--set", "objective.loss=cosine_norm"],
-])
-def test_training_options_run_end_to_end(photos, tmp_path, options):
-    result = run_train(photos, tmp_path / "run", "--max-steps", "2", *options)
+@pytest.fixture(scope="module")
+def reference_field(photos, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The field of a 2-step run with the defaults, to compare each option's run against."""
+    output = tmp_path_factory.mktemp("reference") / "run"
+    result = run_train(photos, output, "--max-steps", "2")
     assert result.exit_code == 0, result.output
-    field, record = load_field(tmp_path / "run" / "field")
-    assert record["trained_steps"] == 2
-    assert all(torch.isfinite(p).all() for p in field.parameters())
+    return field_tensors(output)
+
+
+def differs(field: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(field[name], reference[name]) for name in reference)
+
+
+def test_bf16_runs_the_frozen_models_in_bf16_and_keeps_the_field_fp32(photos, tmp_path, reference_field):
+    result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", "train.mixed_precision=bf16")
+    assert result.exit_code == 0, result.output
+    field = field_tensors(tmp_path / "run")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in field.values())
+    assert differs(field, reference_field), "bf16 frozen models give other gradients than fp32"
+    assert max((field[k] - reference_field[k]).abs().max().item() for k in field) < 0.05
+
+
+@pytest.mark.parametrize("option", ["objective.rollout=2", "objective.update=sign", "objective.loss=cosine_norm"])
+def test_objective_options_change_what_is_trained(photos, tmp_path, reference_field, option):
+    result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", option)
+    assert result.exit_code == 0, result.output
+    field = field_tensors(tmp_path / "run")
+    assert all(torch.isfinite(w).all() for w in field.values())
+    assert differs(field, reference_field), f"{option} left the trained field as it is without it"
+
+
+def test_ema_field_is_the_moving_average_not_the_last_weights(photos, tmp_path):
+    decay = 0.5
+    run = tmp_path / "run"
+    result = run_train(photos, run, "--max-steps", "2", "--checkpoint-every", "1",
+                       "--set", "train.checkpoints_limit=0", "--set", f"train.ema_decay={decay}")
+    assert result.exit_code == 0, result.output
+    field, _ = load_field(run / "field")
+    trained = [name for name, p in field.named_parameters() if p.requires_grad]  # the EMA's order
+    saved = field_tensors(run)
+    checkpoints = run / "checkpoints"
+    raw = {step: load_file(str(checkpoints / f"checkpoint-{step}" / "model.safetensors")) for step in (1, 2)}
+    ema = {step: load_file(str(checkpoints / f"checkpoint-{step}" / "ema.safetensors")) for step in (1, 2)}
+    assert len(ema[2]) == len(trained)
+    moved = [name for name in trained if not torch.equal(raw[1][name], raw[2][name])]
+    assert moved, "step 2 changed the raw weights"
+    for i, name in enumerate(trained):
+        assert torch.equal(saved[name], ema[2][str(i)]), f"the saved field is the EMA copy: {name}"
+        expected = decay * ema[1][str(i)] + (1 - decay) * raw[2][name]
+        assert torch.allclose(ema[2][str(i)], expected, atol=1e-6), f"EMA update of {name}"
+    assert all(not torch.equal(saved[name], raw[2][name]) for name in moved), "the saved field is not the raw weights"
+
+
+def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tmp_path, monkeypatch):
+    from hyperfields import trainer
+
+    rng = np.random.default_rng(3)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for i in range(4):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(crops / f"c{i}.png")
+    # The same conditions and step t either way: images 0-3 in order, t = 3; the inr loss with every pixel has
+    # no noise. Only the accumulation differs.
+    def draws_in_order(seed, step, process, micro, images, batch, last_t):
+        return list(range(micro * batch, (micro + 1) * batch)), torch.full((batch,), 3)
+
+    monkeypatch.setattr(trainer, "training_draws", draws_in_order)
+    fields = {}
+    for batch, accumulation in ((4, 1), (2, 2)):
+        output = tmp_path / f"run-{batch}x{accumulation}"
+        result = runner.invoke(app, [
+            "train", "--config", "configs/inr.yaml", "--data", str(crops), "--output", str(output), "--max-steps", "2",
+            "--checkpoint-every", "1", "--set", "train.heldout=0", "--set", "objective.steps=10",
+            "--set", "objective.end_weight=0", "--set", "objective.loss=relative_mse", "--set", "field.width=32", "--set", "field.depth=1",
+            "--set", "train.warmup_steps=1", "--set", f"train.batch_size={batch}",
+            "--set", f"train.gradient_accumulation={accumulation}",
+        ])
+        assert result.exit_code == 0, result.output
+        fields[accumulation] = field_tensors(output)
+    checkpoints = tmp_path / "run-4x1" / "checkpoints"
+    first, second = (load_file(str(checkpoints / f"checkpoint-{step}" / "model.safetensors")) for step in (1, 2))
+    assert differs(second, first), "the second step moved the field"
+    for name, w in fields[1].items():
+        assert torch.allclose(w, fields[2][name], atol=1e-5), name
 
 
 def test_trained_encoder_is_saved_with_the_field(photos, tmp_path):

@@ -9,12 +9,14 @@ from typing import Annotated, Any, Callable, TypeVar
 
 import typer
 
+from hyperfields.config import presets
 from hyperfields.errors import TrainingError, UserError
 from hyperfields.lora import LoraFormat
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file; built-in defaults where a key is absent.")]
+ConfigOption = Annotated[str | None, typer.Option("--config", "-c", help=(
+    f"YAML config file, or the name of a shipped preset ({', '.join(presets())}); built-in defaults where a key is absent."))]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override one config key, e.g. --set train.max_steps=500. Repeatable.")]
 BaseModelOption = Annotated[str | None, typer.Option("--base-model", help="diffusers Stable Diffusion folder or hub id; 'tiny' = built-in test model.")]
 EncoderOption = Annotated[str | None, typer.Option("--encoder", help="transformers vision model folder or hub id (ViT, CLIP, DINOv2); 'tiny' = built-in.")]
