@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-fast lint clean
 
-$(BIN)/hyperfields: pyproject.toml setup.py
+$(BIN)/hyperfields: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch; a bare `torch` requirement could pull a multi-GB CUDA build.

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import yaml
 
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, error_line
+from hyperfields.lora import DEFAULT_TARGETS
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -30,7 +31,7 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    targets: list[str] = dc_field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    targets: list[str] = dc_field(default_factory=lambda: list(DEFAULT_TARGETS))  # module name suffixes, or re:<regex>
     rank: int = 4  # LoRA rank r
     alpha: float = 4.0  # LoRA scale is alpha / rank
     init_seed: int = 0  # seed of the fixed non-zero A_0 (theta_0); B_0 = 0
@@ -290,14 +291,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except OSError as error:  # a folder, no permission
             raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise UserError(f"config file '{source}' is not valid YAML: {str(error).splitlines()[0]}") from None
+            raise UserError(f"config file '{source}' is not valid YAML ({error_line(error)})") from None
         if not isinstance(values, dict):
             raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
     config = config_from_dict(values, where=where)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
-            raise UserError(f"--set '{override}': expected key=value, e.g. train.max_steps=100")
+            raise UserError(f"override '{override}': expected key=value, e.g. train.max_steps=100")
         _set(config, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     _validate(config)
     return config

@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a one-line message and exit code 2."""
+"""The exception types the command line turns into one-line messages, and how a library's error becomes one line."""
 
 
 class UserError(Exception):
@@ -7,3 +7,10 @@ class UserError(Exception):
 
 class TrainingError(Exception):
     """Training had to stop (non-finite values, a failed checkpoint); the message says where and what is kept."""
+
+
+def error_line(error: BaseException) -> str:
+    """`Type: first line of the message`, cut to 200 characters: libraries' errors run to many lines."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip()[:200] if lines else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

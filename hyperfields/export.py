@@ -1,4 +1,7 @@
-"""LoRA files from a field: one photo to one file, or a folder of photos to a folder of files (one per photo)."""
+"""Files of predicted weights: one photo to one file, or a folder of photos to a folder of files (one per photo).
+
+A LoRA field writes LoRA files (diffusers or kohya); a field of another task writes its tensors under their own names.
+"""
 
 from __future__ import annotations
 
@@ -6,72 +9,90 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from hyperfields.data import scan_image_folder
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, error_line
+from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
-from hyperfields.files import writable_folder
-from hyperfields.generate import predict_lora, read_photo
+from hyperfields.files import atomic_write, writable_folder
 from hyperfields.lora import LoraFormat, LoraPrecision
 from hyperfields.lora.formats import BaseModelFamily, LoraOrigin, write_lora
 from hyperfields.models import resolve_model_path
+from hyperfields.predict import Photo, predict_lora, predicted_weights, prediction_metadata, read_photo
 
 SUFFIX = ".safetensors"
 
 
-def base_model_family(record: dict[str, Any]) -> BaseModelFamily:
-    """The family of the base model a field was trained for: from its record, else from the base model's configs."""
-    if isinstance(record.get("base_family"), dict):
-        return BaseModelFamily(**record["base_family"])
+def base_model_family(settings: dict[str, Any]) -> BaseModelFamily:
+    """The family of the base model a LoRA field was trained for: from its record, else from the base's configs."""
+    if isinstance(settings.get("base_family"), dict):
+        return BaseModelFamily(**settings["base_family"])
     # Fields written before the record named the family: read the two configs the trainer read it from.
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    base_model = str(record["base_model"])
+    base_model = str(settings["base_model"])
     path = resolve_model_path(base_model, "pipeline")
     try:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
         scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
     except Exception as error:  # missing folder, offline hub id, broken JSON: all mean the configs cannot be read
-        reason = " ".join(str(error).split())[:200]
         raise UserError(f"the field's record does not say which Stable Diffusion it is for, and base model "
-                        f"'{base_model}' cannot be read to tell ({type(error).__name__}: {reason}); "
-                        "make it reachable again") from None
+                        f"'{base_model}' cannot be read to tell ({error_line(error)}); make it reachable again"
+                        ) from None
     return BaseModelFamily.from_configs(unet_config, scheduler_config)
 
 
-def lora_origin(field: HyperField) -> LoraOrigin:
-    """What the field's LoRAs are for: its base model and family, training resolution and trigger token."""
-    record = field.record
-    return LoraOrigin(base_model=str(record["base_model"]), family=base_model_family(record),
-                      resolution=int(record["resolution"]), trigger_phrase=str(record["token"]))
+def lora_origin(record: FieldRecord) -> LoraOrigin | None:
+    """What a LoRA field's LoRAs are for: its base model and family, training resolution and trigger token."""
+    if record.task != "lora":
+        return None
+    settings = record.task_settings
+    return LoraOrigin(base_model=str(settings["base_model"]), family=base_model_family(settings),
+                      resolution=record.resolution, trigger_phrase=record.token)
 
 
-def export_photo(field: HyperField, photo_path: Path, out: Path, t: float, format: LoraFormat,
-                 precision: LoraPrecision = "fp16") -> Path:
-    """The LoRA file `out` holding Psi(photo, t) in `format` and `precision`, written atomically."""
+def write_prediction(field: HyperField, record: FieldRecord, photo: Photo, t: float, path: Path, format: LoraFormat,
+                     precision: LoraPrecision, origin: LoraOrigin | None) -> Path:
+    """`path`, holding Psi(photo, t): a LoRA file in `format` and `precision` for a LoRA field (labelled with its
+    `origin`), else the tensors by name in fp32; written atomically."""
+    if record.task == "lora":
+        return write_lora(predict_lora(field, record, photo, t), path, format, precision, origin)
+    tensors = {name: w.contiguous() for name, w in predicted_weights(field, photo, t).items()}
+    header = {"format": "pt", **prediction_metadata(record, t, photo)}
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
+
+
+def export_photo(field: HyperField, record: FieldRecord, photo_path: Path, out: Path, t: float,
+                 format: LoraFormat = "diffusers", precision: LoraPrecision = "fp16") -> Path:
+    """The file `out` holding Psi(photo, t) (in `format` and `precision` for a LoRA field), written atomically."""
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"--out '{out}' is a folder; give the path of the {SUFFIX} file to write (or use --images DIR)")
-    origin = lora_origin(field)
-    photo = read_photo(photo_path, field.record["resolution"])
+        raise UserError(f"output '{out}' is a folder; give the path of the {SUFFIX} file to write, "
+                        "or export a folder of photos into it")
+    origin = lora_origin(record)
+    photo = read_photo(photo_path, record.resolution)
     writable_folder(out.parent)
-    return write_lora(predict_lora(field, photo, t), out, format, precision, origin)
+    return write_prediction(field, record, photo, t, out, format, precision, origin)
 
 
-def export_folder(field: HyperField, folder: Path, out: Path, t: float, format: LoraFormat,
-                  precision: LoraPrecision = "fp16", warn: Callable[[str], None] | None = None) -> list[Path]:
-    """The LoRA files written into folder `out`, one per usable photo under `folder`, named by the photo's path there."""
+def export_folder(field: HyperField, record: FieldRecord, folder: Path, out: Path, t: float,
+                  format: LoraFormat = "diffusers", precision: LoraPrecision = "fp16",
+                  warn: Callable[[str], None] | None = None) -> list[Path]:
+    """The files written into folder `out`, one per usable photo under `folder`, named by the photo's path there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; --images writes one LoRA per photo into a folder")
-    origin = lora_origin(field)
+        raise UserError(f"output '{out}' is a file; a folder of photos is exported into a folder, one file per photo")
+    origin = lora_origin(record)
     records = scan_image_folder(Path(folder), warn=warn).records
     targets: dict[Path, Path] = {}
-    for record in records:
-        name = out / record.path.relative_to(folder).with_suffix(SUFFIX)
+    for image in records:
+        name = out / image.path.relative_to(folder).with_suffix(SUFFIX)
         if name in targets.values():
             other = next(photo for photo, target in targets.items() if target == name)
-            raise UserError(f"photos '{other}' and '{record.path}' would both be exported to '{name}'; rename one of them")
-        targets[record.path] = name
+            raise UserError(f"photos '{other}' and '{image.path}' would both be exported to '{name}'; "
+                            "rename one of them")
+        targets[image.path] = name
     writable_folder(out)
-    return [write_lora(predict_lora(field, read_photo(photo, field.record["resolution"]), t), name, format, precision,
-                       origin) for photo, name in targets.items()]
+    return [write_prediction(field, record, read_photo(photo, record.resolution), t, name, format, precision, origin)
+            for photo, name in targets.items()]

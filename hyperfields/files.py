@@ -1,4 +1,4 @@
-"""Output files that are either complete or absent: written beside the target, then renamed into place."""
+"""Output files and folders that are either complete or absent: written beside the target, then renamed into place."""
 
 from __future__ import annotations
 
@@ -54,6 +54,38 @@ def replace_folder(staging: Path, final: Path) -> Path:
     else:
         os.replace(staging, final)
     return final
+
+
+def write_folder(final: Path, write: Callable[[Path], None], keep_existing: bool = False) -> Path:
+    """`final`, after `write(staging)` filled a new hidden sibling folder that then replaces it (replace_folder).
+
+    On any failure the staging folder is removed and `final` keeps its old content (or stays absent); an OSError
+    becomes a UserError naming `final`. With `keep_existing`, a `final` that another process wrote meanwhile is kept.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        staging.chmod(0o755)  # mkdtemp makes it owner-only, and it becomes the final, shareable folder
+    except OSError as error:
+        raise UserError(f"cannot write '{final}' ({error.strerror or error})") from None
+    try:
+        write(staging)
+        if keep_existing and final.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            return final
+        return replace_folder(staging, final)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write '{final}' ({error.strerror or error})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def cache_root() -> Path:
+    """The folder hyperfields caches into: $HYPERFIELDS_CACHE, else ~/.cache/hyperfields."""
+    return Path(os.environ.get("HYPERFIELDS_CACHE") or Path.home() / ".cache" / "hyperfields").expanduser()
 
 
 def writable_folder(folder: Path) -> Path:

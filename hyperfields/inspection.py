@@ -1,4 +1,8 @@
-"""What a field generates, per LoRA target: tensor statistics against the hyperfan target, and update size along t."""
+"""What a field generates: tensor statistics against the hyperfan target, and the size of the update along t.
+
+For a LoRA field, per LoRA target, the update is ||scale B_t A_t|| / ||W|| against the base weight W; for a field of
+any other task, per tensor, it is ||Psi(c, t) - theta_0|| / ||theta_0||.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
 from hyperfields.lora.formats import LoraWeights
 
@@ -22,19 +27,47 @@ class TargetReport:
     relative_update: dict[float, float]  # t -> ||scale * B_t @ A_t|| / ||W||, W the base weight
 
 
+@dataclass
+class TensorReport:
+    """One generated tensor: its std at t = T next to the hyperfan std, and how far it moved from theta_0 along t."""
+
+    name: str
+    std: float  # std of the generated Delta(c, T) = Psi(c, T) - theta_0
+    hyperfan: float
+    relative_update: dict[float, float]  # t -> ||Psi(c, t) - theta_0|| / ||theta_0||
+
+
 def inspection_steps(steps: int) -> list[float]:
-    """The steps inspected: t = 0 (exactly the base model), T / 2 and T."""
+    """The steps inspected: t = 0 (exactly theta_0, the base model for a LoRA), T / 2 and T."""
     return [0.0, steps / 2, float(steps)]
 
 
 @torch.no_grad()
-def inspect_field(field: HyperField, unet: torch.nn.Module, pixels: torch.Tensor) -> list[TargetReport]:
-    """One report per LoRA target for the condition image `pixels` (3, H, W) in [-1, 1], against `unet`'s base weights."""
+def _outputs(field: HyperField, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Psi(c, t) by name, fp32 on the CPU, at each inspected step t for the condition image `pixels`."""
     device = next(field.parameters()).device
     steps = inspection_steps(field.steps)
-    outputs = field(t=torch.tensor(steps, device=device), images=pixels.unsqueeze(0).expand(len(steps), -1, -1, -1).to(device))
-    loras = [LoraWeights({name: w[i].float().cpu() for name, w in outputs.items()}, alpha=float(field.record["alpha"]))
-             for i in range(len(steps))]
+    images = pixels.unsqueeze(0).expand(len(steps), -1, -1, -1).to(device)  # (S, 3, H, W), one per step
+    outputs = field(t=torch.tensor(steps, device=device), images=images)
+    return [{name: w[i].float().cpu() for name, w in outputs.items()} for i in range(len(steps))]
+
+
+def inspect_tensors(field: HyperField, pixels: torch.Tensor) -> list[TensorReport]:
+    """One report per generated tensor for the condition image `pixels` (3, H, W) in [-1, 1]."""
+    outputs, steps = _outputs(field, pixels), inspection_steps(field.steps)
+    theta0, hyperfan = {name: w.float().cpu() for name, w in field.theta0().items()}, field.init_std()
+    return [TensorReport(
+        name=name, std=float((outputs[-1][name] - theta0[name]).std()), hyperfan=hyperfan[name],
+        relative_update={t: float((out[name] - theta0[name]).norm() / theta0[name].norm())
+                         for t, out in zip(steps, outputs)},
+    ) for name in field.names]
+
+
+def inspect_lora_field(field: HyperField, record: FieldRecord, unet: torch.nn.Module,
+                       pixels: torch.Tensor) -> list[TargetReport]:
+    """One report per LoRA target for the condition image `pixels` (3, H, W) in [-1, 1], against `unet`'s weights."""
+    steps = inspection_steps(field.steps)
+    loras = [LoraWeights(out, alpha=float(record.task_settings["alpha"])) for out in _outputs(field, pixels)]
     theta0, hyperfan = field.theta0(), field.init_std()
     reports = []
     for target in loras[-1].targets:

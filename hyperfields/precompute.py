@@ -8,8 +8,6 @@ weights were made). `objective.kind=supervised` regresses Psi(c, T) on these row
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from hyperfields.config import Config
 from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder, split_heldout
-from hyperfields.errors import UserError
-from hyperfields.files import replace_folder
+from hyperfields.errors import UserError, error_line
+from hyperfields.files import write_folder
 from hyperfields.matching import real_trajectory
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
@@ -62,21 +60,15 @@ def optimise_images(
 
 def write_precomputed(output: Path, theta_T: Weights, theta0: Weights, images: Sequence[str], record: dict[str, Any]) -> Path:
     """Write the folder atomically: a temporary sibling renamed into place once complete."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     tensors = {name: w.contiguous() for name, w in theta_T.items()}
     tensors.update({THETA0_PREFIX + name: w.detach().float().cpu().contiguous() for name, w in theta0.items()})
     index = {"format": FORMAT, "format_version": 1, **record, "images": {path: row for row, path in enumerate(images)}}
-    try:
+
+    def write(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write precomputed weights to '{output}' ({error.strerror or error})") from None
-    return replace_folder(staging, output)
+
+    return write_folder(output, write)
 
 
 def precompute(config: Config, data_dir: Path, output: Path, batch_size: int = 16,
@@ -106,7 +98,7 @@ def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], d
         raise UserError(f"objective.precomputed '{folder}': no {Path(error.filename).name} "
                         "(is it a folder written by 'hyperfields precompute'?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
-        raise UserError(f"objective.precomputed '{folder}': unreadable ({str(error).splitlines()[0][:200]})") from None
+        raise UserError(f"objective.precomputed '{folder}': unreadable ({error_line(error)})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"objective.precomputed '{folder}': {INDEX_NAME} is not a hyperfields precomputed index")
     layout = task.layout()

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from hyperfields.config import LoraConfig, config_from_dict
+from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
-from hyperfields.generate import Photo, check_base_model, predict_lora
+from hyperfields.predict import Photo, check_base_model, predict_lora, require_task
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
 from hyperfields.matching import real_trajectory
@@ -37,21 +38,22 @@ def _batched(lora: LoraWeights, device: torch.device) -> Weights:
     return {name: w.unsqueeze(0).to(device) for name, w in lora.tensors.items()}
 
 
-def refine(field: HyperField, photo: Photo, steps: int, base_model: str, rank: int | None = None, caption: str | None = None,
-           eval_draws: int = 16, seed: int = 0, on_step: Callable[[int], None] | None = None) -> Refinement:
+def refine(field: HyperField, record: FieldRecord, photo: Photo, steps: int, base_model: str, rank: int | None = None,
+           caption: str | None = None, eval_draws: int = 16, seed: int = 0,
+           on_step: Callable[[int], None] | None = None) -> Refinement:
     """Psi(photo, T) refined by `steps` real updates of the field's rule (at `rank` when given), with its losses."""
-    record = field.record
-    objective = config_from_dict(record["config"], where="the field's config.json").objective
+    require_task(record, "lora", "refining a LoRA")
+    objective = config_from_dict(record.config, where="the field's config.json").objective
     device = next(field.parameters()).device
     parts = load_pipeline_components(base_model)
     parts.to(device)
-    check_base_model(field, parts.unet, base_model)
+    check_base_model(field, record, parts.unet, base_model)
 
-    predicted = predict_lora(field, photo, float(field.steps))
+    predicted = predict_lora(field, record, photo, float(field.steps))
     start = predicted if rank is None or rank == predicted.rank else with_rank(predicted, rank)
     # with_rank keeps the scale, so one task (one scale) scores the prediction and the refined LoRA alike.
     task = LoraDiffusionTask(parts, LoraConfig(targets=start.targets, rank=start.rank, alpha=start.alpha))
-    caption = caption if caption is not None else record["caption_template"].format(token=record["token"])
+    caption = caption if caption is not None else record.caption_template.format(token=record.token)
     inputs = task.prepare(photo.pixels.unsqueeze(0).to(device), [caption])
 
     def evaluation_loss(weights: Weights) -> float:

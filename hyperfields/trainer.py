@@ -23,7 +23,7 @@ from hyperfields.data import ImageCaptionDataset, split_heldout
 from hyperfields.errors import TrainingError, UserError
 from hyperfields.evaluation import HeldoutReference, evaluate_field, heldout_reference
 from hyperfields.field.encoder import ImageEncoder
-from hyperfields.field.io import save_field
+from hyperfields.field.io import FieldRecord, save_field
 from hyperfields.field.model import HyperField
 from hyperfields.files import replace_folder, writable_folder
 from hyperfields.manifest import MANIFEST_NAME, scan_with_manifest
@@ -324,19 +324,16 @@ class Trainer:
         acc.wait_for_everyone()
         return recovered
 
-    def record(self, recovered: float | None) -> dict[str, Any]:
+    def record(self, recovered: float | None) -> FieldRecord:
+        """How the field was made, for its folder: the run's settings, the task's own keys, and how training went."""
         config = self.config
-        return {
-            "base_model": config.model.base_model, "encoder": config.model.encoder, "train_encoder": config.model.train_encoder,
-            "layout": {name: list(shape) for name, shape in self.task.layout().items()},
-            "task": config.model.task, "targets": getattr(self.task, "targets", None),
-            "sdxl_layers_per_block": self.task.sdxl_layers_per_block() if hasattr(self.task, "sdxl_layers_per_block") else None, "rank": config.lora.rank, "alpha": config.lora.alpha, "init_seed": config.lora.init_seed,
-            "base_family": dataclasses.asdict(self.task.base_family()) if hasattr(self.task, "base_family") else None,
-            "steps": config.objective.steps, "step_size": config.objective.step_size, "update": config.objective.update,
-            "resolution": config.model.resolution, "caption_template": config.data.caption_template, "token": config.data.token,
-            "field": dataclasses.asdict(config.field),
-            "trained_steps": self.step, "heldout_recovered": recovered, "config": config.to_dict(),
-        }
+        return FieldRecord(
+            task=config.model.task, encoder=config.model.encoder, train_encoder=config.model.train_encoder,
+            layout=self.task.layout(), steps=config.objective.steps, field=dataclasses.asdict(config.field),
+            resolution=config.model.resolution, task_settings=self.task.record(), step_size=config.objective.step_size,
+            update=config.objective.update, caption_template=config.data.caption_template, token=config.data.token,
+            trained_steps=self.step, heldout_recovered=recovered, config=config.to_dict(),
+        )
 
     # ------------------------------------------------------------------------------------------- loop
 

@@ -22,8 +22,9 @@ from PIL import Image  # noqa: E402
 
 from hyperfields.config import load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
+from hyperfields.field.io import FieldRecord, load_field  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402
-from hyperfields.generate import predict_lora, read_photo  # noqa: E402
+from hyperfields.predict import predict_lora, read_photo  # noqa: E402
 from hyperfields.lora.formats import write_lora  # noqa: E402
 from hyperfields.models import load_encoder  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
@@ -47,16 +48,17 @@ def median_seconds(run: Callable[[], object], runs: int, device: torch.device) -
     return float(np.median(times))
 
 
-def tiny_field(device: torch.device) -> HyperField:
-    """An untrained field of configs/tiny.yaml's size: predicting costs the same as with a trained one."""
+def tiny_field(device: torch.device) -> tuple[HyperField, FieldRecord]:
+    """An untrained field of configs/tiny.yaml's size and its record: it predicts as fast as a trained one."""
     config = load_config(ROOT / "configs" / "tiny.yaml")
     task = build_task(config, torch.device("cpu"), torch.float32)
     model, norm = load_encoder(config.model.encoder)
     field = HyperField(ImageEncoder(model, norm), task.layout(), task.initial_weights(), task.init_std(),
                        steps=config.objective.steps, **dataclasses.asdict(config.field))
-    field.record = {"base_model": config.model.base_model, "steps": config.objective.steps, "alpha": config.lora.alpha,
-                    "resolution": config.model.resolution}
-    return field.to(device).eval()
+    record = FieldRecord(task=config.model.task, encoder=config.model.encoder, train_encoder=False,
+                         layout=task.layout(), steps=config.objective.steps, field=dataclasses.asdict(config.field),
+                         resolution=config.model.resolution, task_settings=task.record())
+    return field.to(device).eval(), record
 
 
 def main() -> None:
@@ -66,16 +68,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    field = HyperField.from_pretrained(args.field, device=device) if args.field else tiny_field(device)
+    field, record = load_field(args.field, device=device) if args.field else tiny_field(device)
 
     with tempfile.TemporaryDirectory() as scratch:
         photo_path = Path(scratch) / "photo.png"
         Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)).save(photo_path)
-        photo = read_photo(photo_path, field.record["resolution"])
-        lora = predict_lora(field, photo, float(field.steps))
+        photo = read_photo(photo_path, record.resolution)
+        lora = predict_lora(field, record, photo, float(field.steps))
         timings = {
-            "read photo": median_seconds(lambda: read_photo(photo_path, field.record["resolution"]), args.runs, device),
-            "predict LoRA": median_seconds(lambda: predict_lora(field, photo, float(field.steps)), args.runs, device),
+            "read photo": median_seconds(lambda: read_photo(photo_path, record.resolution), args.runs, device),
+            "predict LoRA": median_seconds(lambda: predict_lora(field, record, photo, float(field.steps)), args.runs,
+                                           device),
             "write diffusers": median_seconds(lambda: write_lora(lora, Path(scratch) / "d.safetensors", "diffusers"), args.runs, device),
             "write kohya": median_seconds(lambda: write_lora(lora, Path(scratch) / "k.safetensors", "kohya"), args.runs, device),
         }

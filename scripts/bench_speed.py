@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import inject_adapter_in_model  # noqa: E402
 
-from hyperfields.architectures import UNETS, build_dinov2_base, build_unet  # noqa: E402
+from hyperfields.models.architectures import UNETS, build_dinov2_base, build_unet  # noqa: E402
 from hyperfields.config import Config, load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402

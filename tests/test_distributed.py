@@ -46,6 +46,6 @@ def test_two_processes_train_the_same_field(tmp_path):
     assert checkpoints == ["checkpoint-2", "checkpoint-3"]
     assert len(list((output / "checkpoints" / "checkpoint-2").glob("model*.safetensors"))) == 1
     field, record = load_field(output / "field")
-    assert record["trained_steps"] == 3
+    assert record.trained_steps == 3
     for name, value in rank0.items():
         assert torch.equal(dict(field.named_parameters())[name].detach(), value), name

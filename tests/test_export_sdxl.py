@@ -13,7 +13,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
-from hyperfields.models import TINY_XL, resolve_model_path
+from hyperfields.models import resolve_model_path
+from hyperfields.models.tiny import TINY_XL
 from tests.test_metadata import a1111_sd_version
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
-from hyperfields.field.model import HyperField
-from hyperfields.generate import cached_lora_file, read_photo
-from hyperfields.models import load_encoder, tiny_models_dir
+from hyperfields.field.io import FieldRecord, load_field, push_field, save_field
+from hyperfields.generate import cached_lora_file
+from hyperfields.predict import read_photo
+from hyperfields.models import load_encoder
+from hyperfields.models.tiny import tiny_models_dir
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
@@ -73,26 +75,27 @@ def test_strength_zero_is_the_base_model(trained, tmp_path):
 
 
 def test_predicted_loras_are_cached_per_field_photo_and_step(trained, tmp_path):
-    field = HyperField.from_pretrained(trained.field)
+    field, record = load_field(trained.field)
     photo = read_photo(trained.photo, 64)
-    first = cached_lora_file(field, photo, 6.0, tmp_path)
+    first = cached_lora_file(field, record, photo, 6.0, tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert cached_lora_file(field, photo, 6.0, tmp_path) == first and first.stat().st_mtime_ns == stamp
-    other_step = cached_lora_file(field, photo, 3.0, tmp_path)
-    other_photo = cached_lora_file(field, read_photo(trained.photos / "p1.png", 64), 6.0, tmp_path)
+    assert cached_lora_file(field, record, photo, 6.0, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    other_step = cached_lora_file(field, record, photo, 3.0, tmp_path)
+    other_photo = cached_lora_file(field, record, read_photo(trained.photos / "p1.png", 64), 6.0, tmp_path)
     with torch.no_grad():
         next(iter(field.heads.values())).bias.add_(1.0)  # a retrained field
-    retrained = cached_lora_file(field, photo, 6.0, tmp_path)
+    retrained = cached_lora_file(field, record, photo, 6.0, tmp_path)
     assert len({first, other_step, other_photo, retrained}) == 4
     assert sorted(tmp_path.iterdir()) == sorted([first, other_step, other_photo, retrained])
 
 
-def test_field_folders_round_trip_through_save_pretrained(trained, tmp_path):
-    field = HyperField.from_pretrained(trained.field)
-    field.save_pretrained(tmp_path / "copy")
+def test_field_folders_round_trip_through_save_field(trained, tmp_path):
+    field, record = load_field(trained.field)
+    save_field(field, tmp_path / "copy", record)
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert "hyperfields" in (tmp_path / "copy" / "README.md").read_text()
-    copy = HyperField.from_pretrained(tmp_path / "copy")
+    copy, copied = load_field(tmp_path / "copy")
+    assert copied == record
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     first, second = field(t=6, images=images), copy(t=6, images=images)
     assert all(torch.equal(first[name], second[name]) for name in first)
@@ -100,6 +103,22 @@ def test_field_folders_round_trip_through_save_pretrained(trained, tmp_path):
     pretrained, _ = load_encoder("tiny")
     for name, value in pretrained.state_dict().items():
         assert torch.equal(copy.encoder.model.state_dict()[name], value), name
+
+
+# The keys of a LoRA field's config.json, as field folders have them (older ones lack base_family and still load).
+RECORD_KEYS = {"format", "format_version", "base_model", "encoder", "train_encoder", "layout", "task", "targets",
+               "sdxl_layers_per_block", "rank", "alpha", "init_seed", "steps", "step_size", "update", "resolution",
+               "caption_template", "token", "field", "trained_steps", "heldout_recovered", "config", "versions",
+               "base_family"}
+
+
+def test_a_lora_field_record_keeps_its_keys_and_reads_back_unchanged(trained):
+    values = json.loads((trained.field / "config.json").read_text())
+    assert set(values) == RECORD_KEYS
+    record = FieldRecord.from_json(values, "config.json")
+    assert record.to_json() == values and record.task_settings["alpha"] == 8 and record.resolution == 64
+    del values["task"]  # the oldest folders, from before there were other tasks, predict LoRAs
+    assert FieldRecord.from_json(values, "config.json").task == "lora"
 
 
 def test_a_field_folder_from_before_spatial_rank_loads_with_the_mean_condition_alone(trained, tmp_path):
@@ -111,7 +130,7 @@ def test_a_field_folder_from_before_spatial_rank_loads_with_the_mean_condition_a
     (old / "config.json").write_text(json.dumps(record))
     state = load_file(old / "model.safetensors")
     save_file({k: v for k, v in state.items() if not k.startswith("spatial_")}, old / "model.safetensors")
-    field = HyperField.from_pretrained(old)
+    field, _ = load_field(old)
     assert field.spatial_rank == 0
     kept = field.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in state.items() if not k.startswith("spatial_"))
@@ -131,10 +150,10 @@ def test_a_field_pushed_to_the_hub_loads_back_by_its_hub_id(trained, tmp_path, m
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    field = HyperField.from_pretrained(trained.field)
-    field.push_to_hub("me/tiny-field")
+    field, record = load_field(trained.field)
+    assert push_field(field, record, "me/tiny-field") == "me/tiny-field"
     assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    copy = HyperField.from_pretrained("me/tiny-field", cache_dir=tmp_path / "hub", local_files_only=True)
+    copy, _ = load_field("me/tiny-field", cache_dir=tmp_path / "hub", local_files_only=True)
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     first, second = field(t=6, images=images), copy(t=6, images=images)
     assert all(torch.equal(first[name], second[name]) for name in first)

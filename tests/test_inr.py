@@ -109,8 +109,8 @@ def test_train_command_fits_crops_with_the_inr_config(tmp_path):
     assert result.exit_code == 0, result.output
     assert "held-out PSNR" in result.output
     field, record = load_field(tmp_path / "run" / "field")
-    task = InrTask(InrConfig(**record["config"]["inr"]), 16)
-    assert record["task"] == "inr" and set(record["layout"]) == set(task.layout())
+    task = InrTask(InrConfig(**record.config["inr"]), 16)
+    assert record.task == "inr" and set(record.layout) == set(task.layout())
     images = torch.stack([load_image(path, 16) for path in sorted(tmp_path.glob("crop*.png"))])
     inputs = task.prepare(images, [""] * len(images))
     with torch.no_grad():

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from hyperfields.errors import UserError
 from hyperfields.lora.batched import BatchedLora, BatchedLoraLinear
-from hyperfields.lora.targets import DEFAULT_TARGETS, find_lora_targets, lora_layout
+from hyperfields.lora import DEFAULT_TARGETS
+from hyperfields.lora.targets import find_lora_targets, lora_layout
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")

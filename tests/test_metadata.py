@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
 from hyperfields.lora.formats import BaseModelFamily
-from hyperfields.models import tiny_models_dir
+from hyperfields.models.tiny import tiny_models_dir
 from tests.conftest import clean_exit
 from tests.tiny_field import OVERRIDES, ROOT, TinyField, tiny_field
 

@@ -14,15 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from hyperfields.errors import UserError
-from hyperfields.models import (
-    ImageNorm,
-    encoder_width,
-    load_encoder,
-    load_pipeline_components,
-    resolve_model_path,
-    tiny_models_dir,
-    write_tiny_models,
-)
+from hyperfields.models import ImageNorm, encoder_width, load_encoder, load_pipeline_components, resolve_model_path
+from hyperfields.models.tiny import tiny_models_dir, write_tiny_models
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,13 +65,13 @@ def test_rewrite_replaces_folders_and_leaves_no_staging(tiny: Path, tmp_path: Pa
 
 
 def test_failed_write_leaves_no_half_written_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hyperfields.models as models
+    import hyperfields.models.tiny as tiny_factory
 
     def crash(directory: Path, seed: int) -> None:
         (directory / "config.json").write_text("{}")
         raise KeyboardInterrupt  # as if the run were killed mid-write
 
-    monkeypatch.setattr(models, "_save_encoder", crash)
+    monkeypatch.setattr(tiny_factory, "_save_encoder", crash)
     with pytest.raises(KeyboardInterrupt):
         write_tiny_models(tmp_path)
     # The finished part is in place; the interrupted one is absent, not partial.

@@ -77,7 +77,7 @@ def test_supervised_training_through_the_cli_fits_theta_T(photos, precomputed, t
     tensors = load_file(str(precomputed / "theta_T.safetensors"))
     paths = sorted(index["images"], key=index["images"].get)
     images = torch.stack([load_image(photos / p, 16) for p in paths])
-    theta_T = {name: tensors[name] for name in record["layout"]}
+    theta_T = {name: tensors[name] for name in record.layout}
     with torch.no_grad():
         loss = supervised_loss(field, {"images": images}, theta_T, 20, field.theta0())
     # Predicting theta_0 itself scores 1.0: the trained field has moved most of the way to theta_T.

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
 from hyperfields.config import LoraConfig
-from hyperfields.field.model import HyperField
-from hyperfields.generate import read_photo
-from hyperfields.inspection import inspect_field
+from hyperfields.field.io import load_field
+from hyperfields.predict import read_photo
+from hyperfields.inspection import inspect_lora_field
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
 from hyperfields.models import load_pipeline_components
@@ -75,8 +75,9 @@ def test_inspect_reports_every_target_with_zero_update_at_t0(trained):
     result = runner.invoke(app, ["inspect", "--field", str(trained.field), "--image", str(trained.photo)])
     assert result.exit_code == 0, result.output
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in result.output and "hyperfan" in result.output
-    field = HyperField.from_pretrained(trained.field)
-    reports = inspect_field(field, load_pipeline_components("tiny").unet, read_photo(trained.photo, 64).pixels)
+    field, record = load_field(trained.field)
+    unet = load_pipeline_components("tiny").unet
+    reports = inspect_lora_field(field, record, unet, read_photo(trained.photo, 64).pixels)
     assert len(reports) == 48
     for report in reports:
         assert report.relative_update[0.0] == 0.0 < report.relative_update[3.0] < report.relative_update[6.0]

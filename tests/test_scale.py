@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from hyperfields.architectures import build_unet
+from hyperfields.models.architectures import build_unet
 from hyperfields.cli.main import app
 from hyperfields.config import LoraConfig
 from hyperfields.lora.formats import kohya_name_sdxl
 from hyperfields.lora.targets import find_lora_targets
 from hyperfields.matching import step_loss, task_gradients, update_direction
-from hyperfields.models import TINY_XL, load_pipeline_components
+from hyperfields.models import load_pipeline_components
+from hyperfields.models.tiny import TINY_XL
 from hyperfields.tasks.cache import ConditionCache
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 

@@ -26,6 +26,17 @@ StepOption = Annotated[float | None, typer.Option("--step", help="Trajectory ste
 LoraFormatOption = Annotated[LoraFormat, typer.Option("--format", help="LoRA file format: diffusers (pipe.load_lora_weights) or kohya (A1111, ComfyUI).")]
 
 
+def refuse_lora_options(ctx: typer.Context, task: str, names: list[str]) -> None:
+    """Nothing for a LoRA field; else a UserError naming the first LoRA-only option of `names` the user gave."""
+    if task == "lora":
+        return
+    for parameter in ctx.command.params:
+        source = ctx.get_parameter_source(parameter.name)
+        # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+        if parameter.name in names and source is not None and source.name != "DEFAULT":
+            raise UserError(f"{parameter.opts[0]} applies to LoRA fields; this field was trained on task '{task}'")
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)

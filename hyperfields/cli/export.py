@@ -1,4 +1,4 @@
-"""`hyperfields export`: LoRA files (diffusers or kohya) predicted from one photo or a folder of photos."""
+"""`hyperfields export`: files of predicted weights (LoRA: diffusers or kohya) from one photo or a folder of photos."""
 
 from __future__ import annotations
 
@@ -7,38 +7,42 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import FieldOption, LoraFormatOption, StepOption, reports_errors
+from hyperfields.cli.common import FieldOption, LoraFormatOption, StepOption, refuse_lora_options, reports_errors
 from hyperfields.errors import UserError
 from hyperfields.lora import LoraPrecision
 
 PrecisionOption = Annotated[LoraPrecision, typer.Option(
     "--precision", help="Number type of the stored weights: fp16 (as shared LoRAs are; half of fp32), bf16 or fp32.")]
 
+ImagesOption = Annotated[Path | None, typer.Option("--images", help="A folder of photos: one file per photo.")]
+
 
 @reports_errors
 def export_command(
+    ctx: typer.Context,
     field: FieldOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write; with --images, a folder (one file per photo).")],
     image: Annotated[Path | None, typer.Option("--image", "-i", help="The subject's photo.")] = None,
-    images: Annotated[Path | None, typer.Option("--images", help="A folder of photos: one LoRA file each, named like the photo.")] = None,
+    images: ImagesOption = None,
     format: LoraFormatOption = "diffusers",
     step: StepOption = None,
     precision: PrecisionOption = "fp16",
 ) -> None:
-    """Write the LoRA the field predicts for a photo, in a format diffusers, A1111 or ComfyUI load."""
+    """Write the weights the field predicts for a photo: a LoRA in a format diffusers, A1111 or ComfyUI load."""
     if (image is None) == (images is None):
         raise UserError("give exactly one of --image PHOTO or --images DIR")
     from hyperfields.export import export_folder, export_photo
-    from hyperfields.field.model import HyperField
-    from hyperfields.generate import default_device, resolve_step
+    from hyperfields.field.io import load_field
+    from hyperfields.predict import default_device, resolve_step
 
-    loaded = HyperField.from_pretrained(field, device=default_device())
-    t = resolve_step(loaded.steps, step)
+    loaded, record = load_field(field, device=default_device())
+    refuse_lora_options(ctx, record.task, ["format", "precision"])
+    t = resolve_step(record.steps, step)
     if image is not None:
-        written = [export_photo(loaded, image, out, t, format, precision)]
+        written = [export_photo(loaded, record, image, out, t, format, precision)]
     else:
-        written = export_folder(loaded, images, out, t, format, precision,
+        written = export_folder(loaded, record, images, out, t, format, precision,
                                 warn=lambda message: typer.echo(message, err=True))
-    kind = f"{format} {precision} LoRA"
+    kind = f"{format} {precision} LoRA" if record.task == "lora" else f"{record.task} weights"
     what = f"{kind} '{written[0]}'" if image is not None else f"{len(written)} {kind} files to '{out}'"
-    typer.echo(f"wrote {what} (t = {t:g} of T = {loaded.steps})")
+    typer.echo(f"wrote {what} (t = {t:g} of T = {record.steps})")

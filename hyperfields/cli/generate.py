@@ -1,4 +1,4 @@
-"""`hyperfields generate`: images of the base model personalised from one photo."""
+"""`hyperfields generate`: the base model personalised from one photo samples images; an inr field renders its own."""
 
 from __future__ import annotations
 
@@ -7,36 +7,68 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, FieldOption, PhotoOption, StepOption, reports_errors
+from hyperfields.cli.common import (
+    BaseModelOption,
+    FieldOption,
+    PhotoOption,
+    StepOption,
+    refuse_lora_options,
+    reports_errors,
+)
+from hyperfields.errors import UserError
 
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs, contact sheet and generation.json.")]
+PromptOption = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Text prompt; repeatable.")]
+HeightOption = Annotated[int | None, typer.Option("--height", min=1, help="Image height; default the model's own.")]
+WidthOption = Annotated[int | None, typer.Option("--width", min=1, help="Image width; default the model's own.")]
 CacheDirOption = Annotated[Path | None, typer.Option("--cache-dir", help="Where predicted LoRAs are kept per (field, photo, t); default $HYPERFIELDS_CACHE/loras.")]
+# Options that only mean something with a base model to personalise.
+LORA_OPTIONS = ["prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "base_model", "cache_dir"]
 
 
 @reports_errors
 def generate_command(
+    ctx: typer.Context,
     field: FieldOption,
     image: PhotoOption,
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Text prompt; repeat for several (one contact-sheet row each).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs, contact_sheet.png and generation.json.")],
+    out: OutOption,
+    prompt: PromptOption = None,
     step: StepOption = None,
     strength: Annotated[float | None, typer.Option("--strength", help="Walk the trajectory instead of --step: 0 = base model, 1 = t = T.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Every prompt starts from this seed.")] = 0,
     num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", min=1, help="Sampler steps.")] = 30,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    height: HeightOption = None,
+    width: WidthOption = None,
     base_model: BaseModelOption = None,
     cache_dir: CacheDirOption = None,
 ) -> None:
-    """Personalise the base model from one photo with the field's LoRA at step t, and sample images."""
-    from hyperfields.field.model import HyperField
+    """Personalise the base model by the field's LoRA for a photo at step t and sample; inr fields render an image."""
+    if step is not None and strength is not None:
+        raise UserError("give --step or --strength, not both")
+    from hyperfields.field.io import load_field
     from hyperfields.files import writable_folder
-    from hyperfields.generate import Sampling, default_device, generate, lora_cache_dir, read_photo, resolve_step, write_images
+    from hyperfields.generate import Sampling, generate, lora_cache_dir, render_inr, write_image, write_images
+    from hyperfields.predict import default_device, read_photo, resolve_step
 
-    loaded = HyperField.from_pretrained(field, device=default_device())
-    photo = read_photo(image, loaded.record["resolution"])
-    t = resolve_step(loaded.steps, step, strength)
+    loaded, record = load_field(field, device=default_device())
+    refuse_lora_options(ctx, record.task, LORA_OPTIONS)
+    photo = read_photo(image, record.resolution)
+    t = resolve_step(record.steps, step, strength)
+    if record.task == "lora" and not prompt:
+        raise UserError("give at least one --prompt for a LoRA field")
     folder = writable_folder(out)  # after the quick checks, so bad input leaves no folder; before the slow sampling
-    sampling = Sampling(num_images=num_images, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    rows, details = generate(loaded, photo, prompt, t, base_model or loaded.record["base_model"], sampling, cache_dir or lora_cache_dir())
+    if record.task != "lora":
+        size = (height or record.resolution, width or record.resolution)
+        rendered, details = render_inr(loaded, record, photo, t, *size)
+        written = write_image(rendered, folder, details)
+        typer.echo(f"wrote '{written}' ({rendered.width} x {rendered.height} pixels; t = {t:g} of T = {record.steps})")
+        return
+    sampling = Sampling(num_images=num_images, seed=seed, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, height=height, width=width)
+    base = base_model or record.task_settings["base_model"]
+    rows, details = generate(loaded, record, photo, prompt, t, base, sampling, cache_dir or lora_cache_dir())
     written = write_images(rows, folder, details)
-    typer.echo(f"wrote {len(written) - 1} image{'s' if len(written) != 2 else ''} and contact_sheet.png to '{folder}' (t = {t:g} of T = {loaded.steps})")
+    images = f"{len(written) - 1} image{'s' if len(written) != 2 else ''}"
+    typer.echo(f"wrote {images} and contact_sheet.png to '{folder}' (t = {t:g} of T = {record.steps})")

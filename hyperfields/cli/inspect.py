@@ -1,4 +1,4 @@
-"""`hyperfields inspect`: per LoRA target, generated weight statistics and update size along the trajectory."""
+"""`hyperfields inspect`: generated weight statistics and update size along t, per LoRA target or tensor."""
 
 from __future__ import annotations
 
@@ -7,41 +7,52 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, FieldOption, reports_errors
+from hyperfields.cli.common import BaseModelOption, FieldOption, refuse_lora_options, reports_errors
 
 
 @reports_errors
 def inspect_command(
+    ctx: typer.Context,
     field: FieldOption,
     image: Annotated[Path | None, typer.Option("--image", "-i", help="Condition photo; default a mid-grey image.")] = None,
     base_model: BaseModelOption = None,
 ) -> None:
-    """Show, per LoRA target, the generated A/B std against the hyperfan target and ||scale B A|| / ||W|| at t = 0, T/2, T."""
+    """Show the generated std against the hyperfan target and the update size at t = 0, T/2, T, per target or tensor."""
     import torch
     from rich.console import Console
     from rich.table import Table
 
-    from hyperfields.field.model import HyperField
-    from hyperfields.generate import check_base_model, default_device, read_photo
-    from hyperfields.inspection import inspect_field, inspection_steps
+    from hyperfields.field.io import load_field
+    from hyperfields.inspection import inspect_lora_field, inspect_tensors, inspection_steps
     from hyperfields.models import load_pipeline_components
+    from hyperfields.predict import check_base_model, default_device, read_photo
 
-    loaded = HyperField.from_pretrained(field, device=default_device())
-    resolution = loaded.record["resolution"]
-    pixels = read_photo(image, resolution).pixels if image is not None else torch.zeros(3, resolution, resolution)
-    base = base_model or loaded.record["base_model"]
-    unet = load_pipeline_components(base).unet
-    check_base_model(loaded, unet, base)
-    reports = inspect_field(loaded, unet, pixels)
-
-    steps = inspection_steps(loaded.steps)
+    loaded, record = load_field(field, device=default_device())
+    refuse_lora_options(ctx, record.task, ["base_model"])
+    side = record.resolution
+    pixels = read_photo(image, side).pixels if image is not None else torch.zeros(3, side, side)
+    steps = inspection_steps(record.steps)
     condition = f"photo '{image}'" if image is not None else "a mid-grey image"
-    table = Table(title=f"field '{field}' on {condition}: generated Delta at t = T vs hyperfan; update ||scale B A|| / ||W||")
-    for column in ("LoRA target", "A std", "hyperfan A", "B std", "hyperfan B", *(f"t = {t:g}" for t in steps)):
-        table.add_column(column, justify="left" if column == "LoRA target" else "right", no_wrap=True)
-    for report in reports:
-        table.add_row(report.target, f"{report.std_a:.4g}", f"{report.hyperfan_a:.4g}", f"{report.std_b:.4g}", f"{report.hyperfan_b:.4g}",
-                      *(f"{report.relative_update[t]:.3g}" for t in steps))
+    if record.task == "lora":
+        base = base_model or record.task_settings["base_model"]
+        unet = load_pipeline_components(base).unet
+        check_base_model(loaded, record, unet, base)
+        table = Table(title=f"field '{field}' on {condition}: generated Delta at t = T vs hyperfan; "
+                            "update ||scale B A|| / ||W||")
+        columns = ["LoRA target", "A std", "hyperfan A", "B std", "hyperfan B"]
+        rows = [[r.target, f"{r.std_a:.4g}", f"{r.hyperfan_a:.4g}", f"{r.std_b:.4g}", f"{r.hyperfan_b:.4g}",
+                 *(f"{r.relative_update[t]:.3g}" for t in steps)]
+                for r in inspect_lora_field(loaded, record, unet, pixels)]
+    else:
+        table = Table(title=f"field '{field}' ({record.task}) on {condition}: generated Delta at t = T vs hyperfan; "
+                            "update ||Psi_t - theta_0|| / ||theta_0||")
+        columns = ["tensor", "Delta std", "hyperfan"]
+        rows = [[r.name, f"{r.std:.4g}", f"{r.hyperfan:.4g}", *(f"{r.relative_update[t]:.3g}" for t in steps)]
+                for r in inspect_tensors(loaded, pixels)]
+    for i, column in enumerate([*columns, *(f"t = {t:g}" for t in steps)]):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     console = Console()
     if not console.is_terminal:  # piped or captured: room for whole module names rather than 80 columns
         console.width = 240

@@ -23,20 +23,21 @@ def refine_command(
     base_model: BaseModelOption = None,
 ) -> None:
     """Continue the per-subject optimisation from the field's prediction for a photo, and write the LoRA."""
-    from hyperfields.field.model import HyperField
+    from hyperfields.field.io import load_field
     from hyperfields.files import writable_folder
-    from hyperfields.generate import default_device, read_photo
+    from hyperfields.predict import default_device, read_photo, require_task
     from hyperfields.lora.formats import write_lora
     from hyperfields.refine import refine
 
     if out.is_dir():
         raise UserError(f"--out '{out}' is a folder; give the path of the .safetensors file to write")
-    loaded = HyperField.from_pretrained(field, device=default_device())
-    photo = read_photo(image, loaded.record["resolution"])
+    loaded, record = load_field(field, device=default_device())
+    require_task(record, "lora", "refine")
+    photo = read_photo(image, record.resolution)
     writable_folder(out.parent)  # after the quick checks, so bad input leaves no folder; before the slow refinement
     with typer.progressbar(length=steps, label="refining") as bar:
-        result = refine(loaded, photo, steps, base_model or loaded.record["base_model"], rank=rank, caption=caption,
-                        on_step=lambda k: bar.update(1))
+        result = refine(loaded, record, photo, steps, base_model or record.task_settings["base_model"], rank=rank,
+                        caption=caption, on_step=lambda k: bar.update(1))
     write_lora(result.lora, out, format)
     typer.echo(f"task loss on fixed draws: predicted {result.loss_predicted:.5f} -> refined {result.loss_refined:.5f}; "
                f"wrote {format} LoRA (rank {result.lora.rank}) to '{out}'")

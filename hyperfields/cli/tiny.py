@@ -17,7 +17,7 @@ def tiny_command(
     seed: Annotated[int, typer.Option(help="Seed of the random weights; the same seed writes identical files.")] = 0,
 ) -> None:
     """Write tiny random Stable Diffusion, SDXL and ViT models, for tests and trying the tool without downloads."""
-    from hyperfields.models import write_tiny_models
+    from hyperfields.models.tiny import write_tiny_models
 
     try:
         directory.mkdir(parents=True, exist_ok=True)

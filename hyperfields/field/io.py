@@ -1,34 +1,94 @@
-"""Field folders: config.json (a readable record of how the field was made) + model.safetensors (+ README.md for the hub)."""
+"""Field folders: config.json (the field's record: how it was made) + model.safetensors + README.md (the hub's card)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import tempfile
+from dataclasses import dataclass, fields, replace
+from dataclasses import field as dc_field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, error_line
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
-from hyperfields.files import replace_folder
+from hyperfields.files import write_folder
 from hyperfields.models import load_encoder
 
 FORMAT = "hyperfields-field"
+FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# What load_field reads from config.json, and its JSON type.
+CARD_NAME = "README.md"
+# What every record must hold, and its JSON type; then what each task's own keys must hold.
 REQUIRED_RECORD: dict[str, tuple[type, ...]] = {
     "encoder": (str,), "train_encoder": (bool,), "layout": (dict,), "steps": (int,), "field": (dict,),
-    "base_model": (str,), "resolution": (int,), "alpha": (int, float),
+    "resolution": (int,),
 }
+REQUIRED_TASK_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "lora": {"base_model": (str,), "alpha": (int, float)},
+    "inr": {"inr": (dict,)},
+}
+
+
+@dataclass
+class FieldRecord:
+    """How a field was made, as its config.json holds it: what loading, prediction and the hub card read."""
+
+    task: str  # what the field predicts: "lora" (a diffusion LoRA) or "inr" (a coordinate MLP's weights)
+    encoder: str  # image encoder (hub id, folder or "tiny"); a frozen one is loaded by this name, not saved
+    train_encoder: bool  # the encoder was trained too, so its weights are in model.safetensors
+    layout: dict[str, tuple[int, ...]]  # {name: shape} of every predicted tensor
+    steps: int  # T, the trajectory length the field models
+    field: dict[str, Any]  # HyperField's settings (width, depth, ...)
+    resolution: int  # condition photos are centre-cropped to this many pixels
+    # The task's own keys (Task.record()): LoRA targets, rank, alpha, init seed, base model; the inr settings.
+    task_settings: dict[str, Any]
+    step_size: float | None = None  # eta of the per-subject update
+    update: str | None = None  # the update rule u
+    caption_template: str = "a photo of {token}"
+    token: str = "sks"
+    trained_steps: int | None = None  # optimiser steps the field was trained for
+    heldout_recovered: float | None = None  # held-out R at the end of training, when images were held out
+    config: dict[str, Any] = dc_field(default_factory=dict)  # the whole run configuration
+    versions: dict[str, str] = dc_field(default_factory=dict)  # the packages that shaped its numbers
+
+    def to_json(self) -> dict[str, Any]:
+        """config.json's content: the task's own keys sit beside the common ones, as every field folder has them."""
+        common = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("task_settings", "versions")}
+        common["layout"] = {name: list(shape) for name, shape in self.layout.items()}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task, **self.task_settings, **common,
+                "versions": self.versions}
+
+    @classmethod
+    def from_json(cls, values: Any, where: str) -> FieldRecord:
+        """The record in config.json's `values`; a UserError naming `where` and the key when one is missing or wrong."""
+        if not isinstance(values, dict) or values.get("format") != FORMAT:
+            raise UserError(f"{where} is not a hyperfields field record")
+        task = values.get("task", "lora")  # fields written before there were other tasks predict LoRAs
+        if task not in REQUIRED_TASK_KEYS:
+            known = ", ".join(REQUIRED_TASK_KEYS)
+            raise UserError(f"{where}: task {task!r} is not one this hyperfields knows ({known}); upgrade hyperfields")
+        names = {f.name for f in fields(cls)} - {"task_settings"}
+        settings = {k: v for k, v in values.items() if k not in names and k not in ("format", "format_version")}
+        if task == "inr" and "inr" not in settings:
+            # inr fields written before tasks recorded their own keys hold LoRA keys instead, and the inr settings
+            # only in the run configuration.
+            settings = {"inr": values.get("config", {}).get("inr", {})}
+        for key, kind in {**REQUIRED_RECORD, **REQUIRED_TASK_KEYS[task]}.items():
+            if not isinstance({**values, **settings}.get(key), kind):
+                raise UserError(f"{where} has no valid '{key}' ({' or '.join(t.__name__ for t in kind)} expected); "
+                                "it was edited or is damaged, write it again with 'hyperfields train'")
+        common = {name: values[name] for name in names if name in values}
+        common["layout"] = {name: tuple(shape) for name, shape in values["layout"].items()}
+        return cls(**{**common, "task": task}, task_settings=settings)
 
 
 def package_versions() -> dict[str, str]:
@@ -50,26 +110,64 @@ def field_state_dict(field: HyperField) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_field_files(field: HyperField, folder: Path) -> None:
-    """Write model.safetensors and config.json (the field's record) into an existing folder; HyperField.save_pretrained."""
-    if not field.record:
-        raise ValueError("the field has no record of how it was made; write it with save_field(field, folder, record)")
-    save_file(field_state_dict(field), str(Path(folder) / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (Path(folder) / CONFIG_NAME).write_text(json.dumps(field.record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# hyperfields field
+
+A hypernetwork field ([HyperNet Fields](https://arxiv.org/abs/2412.17040)): given one photo and a step `t`, it
+predicts the weights that `t` steps of per-subject optimisation would produce, in one forward pass.
+
+- task `{{ task }}`: {{ settings }}
+- image encoder `{{ encoder }}`, trajectory length T = {{ steps }}
+
+```
+{{ usage }}
+```
+"""
+USAGE = {
+    "lora": 'hyperfields generate --field <this repo> --image photo.jpg --prompt "{prompt}" --out images/\n'
+            "hyperfields export --field <this repo> --image photo.jpg --format kohya --out photo_lora.safetensors",
+    "inr": "hyperfields generate --field <this repo> --image photo.jpg --height 512 --width 512 --out images/\n"
+           "hyperfields export --field <this repo> --image photo.jpg --out photo_weights.safetensors",
+}
 
 
-def save_field(field: HyperField, folder: Path, record: dict[str, Any]) -> Path:
-    """The field folder, written atomically by save_pretrained into a temporary sibling renamed into place once complete."""
+def model_card(record: FieldRecord) -> str:
+    """The README.md of a field folder: what the hub shows for it."""
+    tags = ["lora", "stable-diffusion"] if record.task == "lora" else ["implicit-neural-representation"]
+    data = ModelCardData(library_name="hyperfields", tags=["hypernetwork", *tags])
+    settings = ", ".join(f"{key} {value}" for key, value in record.task_settings.items() if key != "targets")
+    usage = USAGE[record.task].format(prompt=record.caption_template.replace("{token}", record.token))
+    card = ModelCard.from_template(data, template_str=MODEL_CARD, task=record.task, settings=settings,
+                                   encoder=record.encoder, steps=record.steps, usage=usage)
+    return str(card)
+
+
+def write_field_files(field: HyperField, record: FieldRecord, folder: Path) -> None:
+    """model.safetensors, config.json and README.md of `field` in the existing `folder`."""
     folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    field.record = {"format": FORMAT, "format_version": 1, **record, "versions": package_versions()}
-    try:
-        field.save_pretrained(staging)
-    except OSError as error:  # disk full, quota: leave nothing behind, under the final name or beside it
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write the field to '{folder}' ({error.strerror or error})") from None
-    return replace_folder(staging, folder)
+    save_file(field_state_dict(field), str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (folder / CONFIG_NAME).write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
+    (folder / CARD_NAME).write_text(model_card(record), encoding="utf-8")
+
+
+def save_field(field: HyperField, folder: Path, record: FieldRecord) -> Path:
+    """The field folder, written into a temporary sibling renamed into place once complete; versions recorded."""
+    record = replace(record, versions=package_versions())
+    return write_folder(Path(folder), lambda staging: write_field_files(field, record, staging))
+
+
+def push_field(field: HyperField, record: FieldRecord, repo_id: str, private: bool | None = None,
+               token: str | None = None, commit_message: str = "Upload hyperfields field") -> str:
+    """The hub model `repo_id` (created if absent) after uploading the field folder; load it back with load_field."""
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as scratch:
+        write_field_files(field, replace(record, versions=package_versions()), Path(scratch))
+        api.upload_folder(repo_id=repo, folder_path=scratch, commit_message=commit_message)
+    return repo
 
 
 def resolve_field_folder(name: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
@@ -84,52 +182,47 @@ def resolve_field_folder(name: str | Path, revision: str | None = None, cache_di
         raise UserError(f"field '{name}': no such folder") from None
     try:
         snapshot = snapshot_download(str(name), revision=revision, cache_dir=cache_dir, force_download=force_download,
-                                     local_files_only=local_files_only, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+                                     local_files_only=local_files_only, token=token,
+                                     allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
     except Exception as error:  # offline, unknown repo, malformed id: all mean the same thing to the user
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"field '{name}': no such folder, and not a hub model id that can be downloaded ({type(error).__name__}: {reason})") from None
+        raise UserError(f"field '{name}': no such folder, and not a hub model id that can be downloaded ({error_line(error)})") from None
     return Path(snapshot)
 
 
-def read_record(folder: Path) -> dict[str, Any]:
-    """The field folder's config.json, checked to be a hyperfields field."""
+def read_record(folder: Path) -> FieldRecord:
+    """The field folder's config.json, checked to be a hyperfields field record."""
     path = Path(folder) / CONFIG_NAME
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"field folder '{folder}': no {CONFIG_NAME} (is it a folder written by 'hyperfields train'?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not valid JSON ({error})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not a hyperfields field record")
-    for key, kind in REQUIRED_RECORD.items():
-        if not isinstance(record.get(key), kind):
-            raise UserError(f"field folder '{folder}': {CONFIG_NAME} has no valid '{key}' "
-                            f"({' or '.join(t.__name__ for t in kind)} expected); "
-                            "it was edited or is damaged, write it again with 'hyperfields train'")
-    return record
+    return FieldRecord.from_json(values, f"field folder '{folder}': {CONFIG_NAME}")
 
 
-def load_field(folder: Path, device: str | torch.device = "cpu") -> tuple[HyperField, dict[str, Any]]:
-    """The trained field and its record from a field folder."""
+def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any) -> tuple[HyperField, FieldRecord]:
+    """The trained field, in eval mode on `device`, and its record, from a field folder or a hub model id.
+
+    `hub` goes to the download of a hub id: revision, cache_dir, force_download, local_files_only, token.
+    """
+    folder = resolve_field_folder(name, **hub)
     record = read_record(folder)
     try:
-        state = load_file(str(Path(folder) / WEIGHTS_NAME), device="cpu")
+        state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
     except FileNotFoundError:
         raise UserError(f"field folder '{folder}': no {WEIGHTS_NAME}") from None
     except (SafetensorError, OSError) as error:
         raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} is truncated or not safetensors ({error})") from None
-    model, norm = load_encoder(record["encoder"])
-    encoder = ImageEncoder(model, norm, trainable=record["train_encoder"])
-    layout = {name: tuple(shape) for name, shape in record["layout"].items()}
-    zeros = {name: torch.zeros(shape) for name, shape in layout.items()}
-    ones = {name: 1.0 for name in layout}
+    model, norm = load_encoder(record.encoder)
+    encoder = ImageEncoder(model, norm, trainable=record.train_encoder)
+    zeros = {name: torch.zeros(shape) for name, shape in record.layout.items()}
+    ones = {name: 1.0 for name in record.layout}
     try:
-        field = HyperField(encoder, layout, zeros, ones, steps=record["steps"], **record["field"])
+        field = HyperField(encoder, record.layout, zeros, ones, steps=record.steps, **record.field)
     except TypeError as error:  # a field setting this version does not know: written by a newer hyperfields
         raise UserError(f"field folder '{folder}': {CONFIG_NAME} has field settings this hyperfields "
                         f"({package_versions()['hyperfields']}) does not know ({error}); upgrade hyperfields") from None
-    field.record = record
     expected = field.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("encoder.")]
     unexpected = [k for k in state if k not in expected]

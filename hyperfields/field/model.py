@@ -3,45 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
 from hyperfields.field.blocks import FieldBlock, FinalLayer, PhaseEmbedder
 from hyperfields.field.encoder import ImageEncoder
 
 
-MODEL_CARD = """---
-{{ card_data }}
----
-
-# hyperfields field
-
-A hypernetwork field ([HyperNet Fields](https://arxiv.org/abs/2412.17040)): given one photo and a step `t`, it
-predicts the LoRA that `t` steps of per-subject optimisation would produce, in one forward pass.
-
-- base model: `{{ base_model }}`, image encoder: `{{ encoder }}`
-- LoRA rank {{ rank }}, alpha {{ alpha }}, trajectory length T = {{ steps }}
-
-```
-hyperfields generate --field <this repo> --image photo.jpg --prompt "{{ prompt }}" --out images/
-hyperfields export --field <this repo> --image photo.jpg --format kohya --out photo_lora.safetensors
-```
-"""
-
-
 def _shape_key(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lora", "stable-diffusion", "hypernetwork"],
-                 model_card_template=MODEL_CARD, paper_url="https://arxiv.org/abs/2412.17040"):
+class HyperField(nn.Module):
     """Psi(c, t) = theta_0 + (t / T) * Delta(c, t), one token per published tensor, one head per shape.
 
-    `from_pretrained` / `save_pretrained` / `push_to_hub` read and write field folders (field/io.py).
+    Field folders (and the record of how a field was made) are read and written by field/io.py.
     """
 
     def __init__(
@@ -63,8 +40,6 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
         self.names = list(layout)
         self.shapes = {name: tuple(layout[name]) for name in self.names}
         self.steps = steps
-        # How the field was made (config.json): base model, encoder, LoRA layout, T; set when trained or loaded.
-        self.record: dict[str, Any] = {}
         self.image_proj = nn.Linear(encoder.width, width)
         self.pool_proj = nn.Linear(width, width)
         # The mean of the image tokens says what is in the image, not where. A learned projection of every token
@@ -158,10 +133,6 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
             out.update({self.names[i]: tensor for i, tensor in zip(indices, by_shape[key].unbind(1))})
         return {name: out[name] for name in self.names}
 
-    def delta(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Delta(c, t) by name, each (N, *shape), for t (N,)."""
-        return self._by_name(self._delta_by_shape(image_tokens, t.reshape(-1, 1)))
-
     def forward(
         self,
         t: torch.Tensor | int | float,
@@ -191,38 +162,3 @@ class HyperField(nn.Module, ModelHubMixin, library_name="hyperfields", tags=["lo
             psi[key] = start + phase * delta
         by_name = self._by_name(psi)  # each (N * M, *shape)
         return {name: w.view(n, t.shape[1], *w.shape[1:]) for name, w in by_name.items()} if several else by_name
-
-    # ------------------------------------------------------------------------------------------- hub folders
-    # field/io.py builds HyperFields, so it is imported where used rather than at the top.
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        from hyperfields.field.io import write_field_files
-
-        write_field_files(self, Path(save_directory))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        device: str | torch.device = "cpu",
-    ) -> HyperField:
-        """The field in a field folder or hub model id, in eval mode on `device`, with its `record`."""
-        # Replaces the mixin's version: config.json is the field's record, not the arguments of __init__.
-        from hyperfields.field.io import load_field, resolve_field_folder
-
-        folder = resolve_field_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
-                                      force_download=force_download, local_files_only=local_files_only, token=token)
-        field, _ = load_field(folder, device)
-        return field
-
-    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        record = self.record
-        prompt = record.get("caption_template", "a photo of {token}").replace("{token}", str(record.get("token", "sks")))
-        details = {key: record.get(key, "?") for key in ("base_model", "encoder", "rank", "alpha", "steps")}
-        return super().generate_model_card(*args, **{**details, "prompt": prompt, **kwargs})

@@ -15,12 +15,13 @@ def with_rank(lora: LoraWeights, rank: int) -> LoraWeights:
     old rank start with B' = 0 and A' != 0, like a fresh LoRA: their B gradient is not zero.
     """
     if rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
+        raise UserError(f"rank must be at least 1, got {rank}")
     tensors = {}
     for target in lora.targets:
         a, b = lora.tensors[f"{target}.lora_A"].float(), lora.tensors[f"{target}.lora_B"].float()
         if rank > min(b.shape[0], a.shape[1]):
-            raise UserError(f"--rank {rank} is above what LoRA target {target} (out, in) = ({b.shape[0]}, {a.shape[1]}) can hold")
+            raise UserError(f"rank {rank} is above what LoRA target {target} "
+                            f"(out, in) = ({b.shape[0]}, {a.shape[1]}) can hold")
         u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)  # (out, k), (k,), (k, in) with k = min(out, in)
         tensors[f"{target}.lora_A"] = vh[:rank].contiguous()
         tensors[f"{target}.lora_B"] = (u[:, :rank] * s[:rank]).contiguous()

@@ -13,8 +13,6 @@ from torch import nn
 
 from hyperfields.errors import UserError
 
-DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-
 _REGEX_PREFIX = "re:"
 
 

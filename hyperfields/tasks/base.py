@@ -22,6 +22,9 @@ class Task(Protocol):
     def init_std(self) -> dict[str, float]:
         """The std each generated tensor should have at init (hyperfan target)."""
 
+    def record(self) -> dict[str, Any]:
+        """The task's own keys for a field's record (config.json): what using its predictions needs."""
+
     def prepare(self, images: torch.Tensor, captions: list[str]) -> Any:
         """Everything the loss needs from a batch of conditions that does not depend on the weights."""
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,13 +33,8 @@ class InrTask:
         self.config = config
         self.resolution = resolution
         generator = torch.Generator().manual_seed(config.init_seed)
-        projection = torch.randn(2, config.frequencies, generator=generator) * config.frequency_scale  # (2, F)
-        axis = torch.linspace(-1, 1, resolution)
-        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-        coords = torch.stack([xs, ys], dim=-1).reshape(-1, 2)  # (P, 2)
-        # Coordinates span 2, so pi * (coords @ projection) runs through `projection` cycles across the image.
-        angles = math.pi * coords @ projection
-        self.features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).to(device)  # (P, 2F)
+        self.projection = torch.randn(2, config.frequencies, generator=generator) * config.frequency_scale  # (2, F)
+        self.features = self.pixel_features(resolution, resolution).to(device)  # (P, 2F)
         widths = [2 * config.frequencies] + [config.hidden] * config.layers + [3]
         names = [f"hidden{i}" for i in range(config.layers)] + ["output"]
         self._layout: dict[str, tuple[int, ...]] = {}
@@ -55,6 +52,10 @@ class InrTask:
     def device(self) -> torch.device:
         return self.features.device
 
+    def record(self) -> dict[str, Any]:
+        """The coordinate MLP's settings, which rendering its predicted weights needs."""
+        return {"inr": dataclasses.asdict(self.config)}
+
     def layout(self) -> dict[str, tuple[int, ...]]:
         return dict(self._layout)
 
@@ -70,6 +71,22 @@ class InrTask:
             raise UserError(f"inr task: images are {tuple(images.shape[-2:])} pixels, expected model.resolution={self.resolution}")
         pixels = images.to(self.device).float().permute(0, 2, 3, 1).reshape(images.shape[0], -1, 3)
         return InrInputs(pixels=pixels)
+
+    def pixel_features(self, height: int, width: int) -> torch.Tensor:
+        """Fourier features (P, 2F) of a height x width grid over the image, pixels in row-major order.
+
+        The grid spans [-1, 1] on both axes at any size, so one MLP renders its image at any resolution.
+        """
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        coords = torch.stack([xs, ys], dim=-1).reshape(-1, 2)  # (P, 2)
+        # Coordinates span 2, so pi * (coords @ projection) runs through `projection` cycles across the image.
+        angles = math.pi * coords @ self.projection
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    def image(self, weights: Weights, height: int, width: int) -> torch.Tensor:
+        """Each sample's image (N, 3, height, width), colours in [-1, 1]."""
+        colours = self.render(weights, self.pixel_features(height, width).to(self.device))  # (N, P, 3)
+        return colours.transpose(1, 2).reshape(colours.shape[0], 3, height, width)
 
     def render(self, weights: Weights, features: torch.Tensor | None = None) -> torch.Tensor:
         """Colours (N, P, 3) of each sample's MLP, at every pixel or at the given features ((P, 2F) or (N, P, 2F))."""

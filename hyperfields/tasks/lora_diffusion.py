@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,13 @@ class LoraDiffusionTask:
     def base_family(self) -> BaseModelFamily:
         """Which Stable Diffusion the base model is (1.x, 2.x or XL; noise or v-prediction), to label LoRA files."""
         return BaseModelFamily.from_configs(self.parts.unet.config, self.parts.noise_scheduler.config)
+
+    def record(self) -> dict[str, Any]:
+        """The base model and its family, the LoRA's targets, rank, alpha and A_0 seed, and SDXL's layers per block."""
+        return {"base_model": self.parts.name, "targets": self.targets,
+                "sdxl_layers_per_block": self.sdxl_layers_per_block(), "rank": self.config.rank,
+                "alpha": self.config.alpha, "init_seed": self.config.init_seed,
+                "base_family": dataclasses.asdict(self.base_family())}
 
     def layout(self) -> dict[str, tuple[int, ...]]:
         return dict(self._layout)

@@ -1,0 +1,16 @@
+"""Base models and image encoders: loading them by name (loading.py), and the tiny test models (tiny.py)."""
+
+from hyperfields.models.loading import (
+    ImageNorm,
+    PipelineParts,
+    encoder_width,
+    load_encoder,
+    load_pipeline,
+    load_pipeline_components,
+    resolve_model_path,
+)
+
+__all__ = [
+    "ImageNorm", "PipelineParts", "encoder_width", "load_encoder", "load_pipeline", "load_pipeline_components",
+    "resolve_model_path",
+]

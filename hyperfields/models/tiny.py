@@ -1,0 +1,178 @@
+"""The tiny models: seeded random Stable Diffusion, SDXL and ViT models built from fixed configs.
+
+"tiny" (and "tiny-xl", its Stable Diffusion XL counterpart) lets the whole tool, its tests and CI run on a CPU with
+no network: the models are built from fixed configs and a fixed seed, written once into a cache folder and then
+loaded like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperfields.errors import UserError
+from hyperfields.files import cache_root, write_folder
+
+TINY = "tiny"
+TINY_XL = "tiny-xl"
+_TINY_VERSION = "tiny-v3"  # bump when the tiny configs change, so stale caches are not reused
+# Frequent English letter pairs: enough for multi-character tokens to exist, so tokenization is realistic.
+_MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("o", "g</w>")]
+
+
+
+def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Returns a CLIP-style BPE vocabulary that covers every byte, so no prompt ever maps to the unknown token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())  # sorted: the set order is not stable across runs
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in _MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]  # last, as in the real CLIP vocabulary
+    return {token: i for i, token in enumerate(tokens)}, list(_MERGES)
+
+
+def _write_bpe_files(directory: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    # Slow-tokenizer files too: transformers 4 cannot build CLIPTokenizer from tokenizer.json alone.
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _tiny_tokenizer() -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _byte_vocab()
+    try:
+        # transformers 5: in memory; merges must be tuples although the signature says list[str].
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    except TypeError:  # transformers 4: the slow tokenizer only reads files
+        with tempfile.TemporaryDirectory() as scratch:
+            _write_bpe_files(Path(scratch), vocab, merges)
+            return CLIPTokenizer(f"{scratch}/vocab.json", f"{scratch}/merges.txt", model_max_length=77)
+
+
+def _tiny_vae(seed: int, scaling_factor: float) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Three blocks, two downsampling: 64 px images give 16 x 16 latents, so a UNet step on a CPU takes
+    # milliseconds while every code path (cross-attention, VAE, scheduler) is the real one.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64), latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_text_encoder(seed: int, tokenizer: Any, with_projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        # The pooled output is read at the first eos token, so the ids must match the tokenizer's.
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(text_config) if with_projection else CLIPTextModel(text_config)
+
+
+# Stable Diffusion's own schedule settings, so noise levels look like the real ones and the
+# pipeline does not warn about a legacy scheduler config.
+_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", steps_offset=1)
+
+
+def _save_pipeline(directory: Path, seed: int) -> None:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    # Cross-attention in the down, mid and up blocks: 12 attention modules for LoRA to target.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=_tiny_vae(seed, 0.18215), text_encoder=_tiny_text_encoder(seed, tokenizer), tokenizer=tokenizer, unet=unet,
+        scheduler=DDPMScheduler(**_SD_SCHEDULE, clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory)
+    _write_bpe_files(directory / "tokenizer", *_byte_vocab())
+
+
+def _save_pipeline_xl(directory: Path, seed: int) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    # SDXL's shape in small: no attention in the first block, linear proj_in/out, two transformer layers
+    # deeper down, context = both text encoders' widths concatenated (32 + 32), and the "text_time"
+    # added embedding of the pooled text (32) plus six size/crop numbers (8 features each).
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_tiny_vae(seed, 0.13025), text_encoder=_tiny_text_encoder(seed, tokenizer),
+        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**_SD_SCHEDULE, timestep_spacing="leading"),
+    )
+    pipeline.save_pretrained(directory)
+    for name in ("tokenizer", "tokenizer_2"):
+        _write_bpe_files(directory / name, *_byte_vocab())
+
+
+def _save_encoder(directory: Path, seed: int) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    try:  # transformers 5 needs torchvision for ViTImageProcessor and warns when falling back to this one
+        from transformers import ViTImageProcessorPil as Processor
+    except ImportError:
+        from transformers import ViTImageProcessor as Processor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(  # 32 px in 8 px patches: 16 patch tokens plus CLS
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=37,
+    )
+    # Kept with its pooler: AutoModel builds ViTModel with one, and a missing one would be
+    # freshly random (and warned about) on every load.
+    ViTModel(config).save_pretrained(directory)
+    Processor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+
+
+def write_tiny_models(directory: Path, seed: int = 0) -> None:
+    """Writes seeded random tiny models: `directory/pipeline` (Stable Diffusion), `directory/pipeline-xl` (SDXL)
+    and `directory/encoder` (ViT)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_folder(directory / "pipeline", lambda d: _save_pipeline(d, seed))
+    write_folder(directory / "pipeline-xl", lambda d: _save_pipeline_xl(d, seed))
+    write_folder(directory / "encoder", lambda d: _save_encoder(d, seed))
+
+
+def _tiny_complete(directory: Path) -> bool:
+    pipelines = all((directory / name / "model_index.json").is_file() for name in ("pipeline", "pipeline-xl"))
+    return pipelines and (directory / "encoder" / "config.json").is_file()
+
+
+def tiny_models_dir() -> Path:
+    """Returns the cache folder holding the tiny models, writing them on first use."""
+    root = cache_root()
+    target = root / _TINY_VERSION
+    if _tiny_complete(target):
+        return target
+    # Another process may finish first: its copy is identical (same seed), so it is kept.
+    write_folder(target, write_tiny_models, keep_existing=True)
+    if not _tiny_complete(target):
+        raise UserError(f"tiny model cache {target} exists but is incomplete; delete it and retry")
+    return target

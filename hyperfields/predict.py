@@ -1,0 +1,100 @@
+"""Photo to weights to LoRA: the one prediction API of a trained field, used by every command that reads one."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import hyperfields
+from hyperfields.data import load_image
+from hyperfields.errors import UserError, error_line
+from hyperfields.field.io import FieldRecord
+from hyperfields.field.model import HyperField
+from hyperfields.lora.formats import LoraWeights
+from hyperfields.lora.targets import layout_mismatch
+
+
+@dataclass
+class Photo:
+    """A condition photo as the field sees it, with the sha256 of its file (names the photo in headers and caches)."""
+
+    path: Path
+    pixels: torch.Tensor  # (3, R, R) in [-1, 1]
+    sha256: str
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_photo(path: Path, resolution: int) -> Photo:
+    """The photo at `path` centre-cropped to `resolution` as the field was trained; UserError when not an image."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"photo '{path}' does not exist or is not a file")
+    try:
+        data = path.read_bytes()
+        pixels = load_image(path, resolution)
+    except Exception as error:  # Pillow raises many types for broken files; all mean "not a usable photo"
+        raise UserError(f"photo '{path}' cannot be read as an image ({error_line(error)})") from None
+    return Photo(path=path, pixels=pixels, sha256=hashlib.sha256(data).hexdigest())
+
+
+def resolve_step(steps: int, step: float | None = None, strength: float | None = None) -> float:
+    """The trajectory step t in [0, T]: `step`, `strength` * T (0 = theta_0, 1 = T), or T when neither is given."""
+    if step is not None and strength is not None:
+        raise UserError(f"step {step:g} and strength {strength:g} both given; give one of them")
+    if strength is not None:
+        if not 0.0 <= strength <= 1.0:
+            raise UserError(f"strength {strength:g} is outside [0, 1] (0 = the start, 1 = the end of the trajectory)")
+        return strength * steps
+    if step is None:
+        return float(steps)
+    if not 0.0 <= step <= steps:
+        raise UserError(f"step {step:g} is outside [0, {steps}] (the field was trained for T = {steps} steps)")
+    return float(step)
+
+
+def require_task(record: FieldRecord, task: str, what: str) -> None:
+    """Nothing when the field predicts for `task`; else a one-line UserError saying that `what` needs such a field."""
+    if record.task != task:
+        raise UserError(f"{what} needs a field of task '{task}'; this field was trained on task '{record.task}'")
+
+
+@torch.no_grad()
+def predicted_weights(field: HyperField, photo: Photo, t: float) -> dict[str, torch.Tensor]:
+    """Psi(photo, t) by name, without batch dimension, in fp32 on the CPU."""
+    device = next(field.parameters()).device
+    weights = field(t=t, images=photo.pixels.unsqueeze(0).to(device))
+    return {name: w[0].float().cpu() for name, w in weights.items()}
+
+
+def prediction_metadata(record: FieldRecord, t: float, photo: Photo) -> dict[str, str]:
+    """The provenance written into the header of every file of predicted weights."""
+    metadata = {"hyperfields.version": hyperfields.__version__, "hyperfields.task": record.task,
+                "hyperfields.step": f"{t:g}", "hyperfields.steps": str(record.steps),
+                "hyperfields.photo_sha256": photo.sha256}
+    if record.task == "lora":
+        metadata["hyperfields.base_model"] = str(record.task_settings["base_model"])
+    return metadata
+
+
+def predict_lora(field: HyperField, record: FieldRecord, photo: Photo, t: float) -> LoraWeights:
+    """Psi(photo, t) as a LoRA with the field's trained alpha and provenance, on the CPU."""
+    require_task(record, "lora", "a LoRA")
+    settings = record.task_settings
+    return LoraWeights(tensors=predicted_weights(field, photo, t), alpha=float(settings["alpha"]),
+                       metadata=prediction_metadata(record, t, photo),
+                       sdxl_layers_per_block=settings.get("sdxl_layers_per_block"))
+
+
+def check_base_model(field: HyperField, record: FieldRecord, unet: torch.nn.Module, base_model: str) -> None:
+    """Nothing when `unet` has every LoRA target of the field with the same shapes; else a one-line UserError."""
+    problem = layout_mismatch(field.shapes, unet)
+    if problem is not None:
+        raise UserError(f"the field was trained for base model '{record.task_settings['base_model']}' and does not fit "
+                        f"base model '{base_model}': {problem}")
