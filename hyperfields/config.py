@@ -95,8 +95,16 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the field's gradient norm; 0 = off
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False  # recompute UNet activations during backward: far less memory, ~25% more time
-    # Encode each training image once (VAE latents, text embeddings, the frozen encoder's tokens), kept in CPU memory.
-    cache_latents: bool = False
+    # Where each training image's conditions (VAE latents, text embeddings, the frozen encoder's tokens) are kept once
+    # computed: "none" = computed at every step; "memory" = in each process's CPU memory (grows with the images drawn);
+    # "disk" = one safetensors file per image under cache_dir, shared by every process and by later runs, read
+    # memory-mapped so memory does not grow with the dataset. Same losses with all three.
+    cache: Literal["none", "memory", "disk"] = "none"
+    # cache=disk: the folder; "" = OUTPUT/cache. Entries are named by a hash of the image bytes, the caption and the
+    # frozen models (base_model, encoder, resolution, mixed_precision, hyperfields version), so a changed model or
+    # photo never reuses one; `hyperfields cache build` fills it before training.
+    cache_dir: str = ""
+    cache_latents: bool = False  # deprecated alias of cache=memory, accepted for one release
     ema_decay: float = 0.0  # 0 = no EMA; else the final field is the EMA copy
     seed: int = 0
     checkpoint_every: int = 100  # 0 = only at the end
@@ -210,6 +218,11 @@ def _validate(config: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")
+    if config.train.cache_latents:
+        if config.train.cache == "disk":
+            raise UserError("config key 'train.cache_latents': it is the old name of train.cache=memory and "
+                            "contradicts train.cache=disk; remove train.cache_latents")
+        config.train.cache = "memory"  # the alias resolved once, so only train.cache is ever read
     if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
         raise UserError(f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {config.data.caption_template!r}")
 

@@ -55,7 +55,7 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
+def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
     """Return (None, size) if `path` decodes fully, else (one-line reason it cannot be used, (0, 0))."""
     try:
         status = path.stat()
@@ -136,16 +136,19 @@ def scan_image_folder(
     token: str = "sks",
     resolution: int | None = None,
     warn: Callable[[str], None] | None = None,
+    check: Callable[[Path], tuple[str | None, tuple[int, int]]] | None = None,
 ) -> ScanReport:
     """Return every decodable image under `folder` with its caption, plus what was skipped and why.
 
     Caption precedence: `<stem>.txt` beside the image, then the nearest
     `metadata.jsonl` (Hugging Face imagefolder layout) listing it, then
     `caption_template.format(token=token)`. `resolution`, if given, only
-    adds one warning about images that will be upscaled.
+    adds one warning about images that will be upscaled. `check` stands in for
+    `check_image` (a scan manifest answers for files it already decoded).
     Raises UserError if the folder is missing or holds no usable image.
     """
     warn = warn or _stderr_warn
+    check = check or check_image
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"image folder '{folder}' does not exist")
@@ -191,7 +194,7 @@ def scan_image_folder(
     report = ScanReport()
     small: list[Path] = []
     for path in candidates:
-        reason, size = _check_image(path)
+        reason, size = check(path)
         if reason is not None:
             warn(f"skipping {path}: {reason}")
             report.skipped.append((path, reason))
@@ -273,14 +276,17 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Items are {"pixel_values": (3, R, R) float tensor in [-1, 1], "caption": str, "path": str}.
 
-    Decoded tensors are kept in memory after first use: personalisation folders
-    are tens of images, and decoding dominates a step otherwise. Each DataLoader
-    worker process keeps its own cache. Don't modify returned tensors in place.
+    With `keep_decoded`, decoded tensors are kept in memory after first use:
+    personalisation folders are tens of images, and decoding dominates a step
+    otherwise. Each DataLoader worker process keeps its own cache. Don't modify
+    returned tensors in place. Without it (a condition cache reads each image
+    once), memory does not grow with the folder.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], resolution: int) -> None:
+    def __init__(self, records: Sequence[ImageRecord], resolution: int, keep_decoded: bool = True) -> None:
         self.records = list(records)
         self.resolution = resolution
+        self.keep_decoded = keep_decoded
         self._cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -298,7 +304,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                     f"cannot read image '{record.path}' ({_one_line(exc)}); "
                     "it was readable when the folder was scanned"
                 ) from exc
-            self._cache[index] = pixels
+            if self.keep_decoded:
+                self._cache[index] = pixels
         return {"pixel_values": pixels, "caption": record.caption, "path": str(record.path)}
 
 

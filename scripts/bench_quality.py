@@ -244,7 +244,7 @@ def main() -> None:
     started = time.perf_counter()
     torch.manual_seed(0)
     config_path, n_train, n_heldout = DEFAULTS[args.task]
-    fixed = ["train.heldout=0", "train.eval_every=0", "train.checkpoint_every=0", "train.cache_latents=true"]
+    fixed = ["train.heldout=0", "train.eval_every=0", "train.checkpoint_every=0", "train.cache=memory"]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     config = load_config(args.config or Path(config_path), [*args.overrides, *fixed])
     if config.model.task == "inr" and config.model.encoder == "tiny":

@@ -6,7 +6,7 @@ Presets:
   sdxl   the SDXL base UNet likewise, 1024 px; pooled text and size ids as added conditions
 For sd15/sdxl the field, LoRA and training settings come from configs/<preset>.yaml (--set overrides them) and
 random latents and text embeddings stand in for the VAE and text encoders: both steps run on cached inputs, as
-`train.cache_latents` makes training do, so the frozen image encoder is not in the step either (its cost per image
+`train.cache` makes training do, so the frozen image encoder is not in the step either (its cost per image
 is reported as encoder_ms). Both steps see one noise draw per sample (--draws changes the field's), the same
 gradient checkpointing setting and the optimiser step; the two are timed alternately and the medians compared.
 
@@ -153,7 +153,7 @@ def main() -> None:
     field_optimizer = torch.optim.AdamW(field_parameters, lr=config.train.learning_rate)
     objective = dataclasses.replace(config.objective, noise_draws=args.draws)
     with torch.no_grad():
-        tokens = field.encoder(images)  # cached once, as train.cache_latents does
+        tokens = field.encoder(images)  # cached once, as train.cache does
     generator = torch.Generator(device=device).manual_seed(0)
 
     def gm_step() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from hyperfields.cli.cache import cache_app
 from hyperfields.cli.export import export_command
 from hyperfields.cli.generate import generate_command
 from hyperfields.cli.inspect import inspect_command
@@ -26,6 +27,7 @@ app.command("export")(export_command)
 app.command("refine")(refine_command)
 app.command("inspect")(inspect_command)
 app.command("precompute")(precompute_command)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:

@@ -15,17 +15,18 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from hyperfields.config import Config
-from hyperfields.data import ImageCaptionDataset, scan_image_folder, split_heldout
+from hyperfields.data import ImageCaptionDataset, split_heldout
 from hyperfields.errors import UserError
 from hyperfields.evaluation import HeldoutReference
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
+from hyperfields.manifest import MANIFEST_NAME, scan_with_manifest
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
-from hyperfields.tasks.cache import ConditionCache
+from hyperfields.tasks.cache import ConditionCache, condition_cache
 from hyperfields.training.ema import EMA
 from hyperfields.training.logs import print0
 
@@ -49,7 +50,7 @@ class TrainingRun:
     dataset: ImageCaptionDataset  # the training images
     heldout: ImageCaptionDataset  # the held-out images, scored by evaluation
     conditions: Conditions  # training image indices -> (field inputs, task inputs), computed
-    cache: ConditionCache | None  # the same, kept per image after first use (train.cache_latents)
+    cache: ConditionCache | None  # the same, kept per image in memory or on disk (train.cache); None: "none"
     theta_T: Weights | None  # objective.kind=supervised: precomputed theta_T, row i for dataset[i]
     reference: HeldoutReference | None = None  # real optimisation of the held-out images, computed once
 
@@ -77,16 +78,23 @@ def make_accelerator(config: Config, output: Path) -> Accelerator:
     )
 
 
-def load_images(config: Config, data_dir: Path, accelerator: Accelerator,
+def warn_on_main(accelerator: Accelerator) -> Callable[[str], None]:
+    """A warning function printing on the main process only, as written (no markup)."""
+    return lambda message: print0(accelerator, message, markup=False)
+
+
+def load_images(config: Config, data_dir: Path, output: Path, accelerator: Accelerator,
                 ) -> tuple[ImageCaptionDataset, ImageCaptionDataset]:
     """The training and held-out images of `data_dir`, each skipped file named once."""
-    def warn(message: str) -> None:
-        print0(accelerator, message, markup=False)
-
-    report = scan_image_folder(data_dir, config.data.caption_template, config.data.token, config.model.resolution, warn)
+    # Decoded once by the main process into the run folder's manifest; the others and resumed runs reuse it.
+    report, _ = scan_with_manifest(data_dir, output / MANIFEST_NAME, config.data.caption_template, config.data.token,
+                                   config.model.resolution, warn_on_main(accelerator), accelerator.is_main_process,
+                                   accelerator.wait_for_everyone)
     print0(accelerator, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
     train_records, heldout_records = split_heldout(report.records, config.train.heldout, config.train.seed)
-    return (ImageCaptionDataset(train_records, config.model.resolution),
+    # A condition cache reads each training image once: keeping its pixels too would grow with the folder.
+    keep_decoded = config.train.cache == "none"
+    return (ImageCaptionDataset(train_records, config.model.resolution, keep_decoded=keep_decoded),
             ImageCaptionDataset(heldout_records, config.model.resolution))
 
 
@@ -122,7 +130,7 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
     """The accelerator, images, task, field, optimiser, schedule, EMA and conditions of a run writing to `output`."""
     train, objective = config.train, config.objective
     accelerator = make_accelerator(config, output)
-    dataset, heldout = load_images(config, data_dir, accelerator)
+    dataset, heldout = load_images(config, data_dir, output, accelerator)
     # Frozen models in the compute precision, the field and its optimiser in fp32.
     task = build_task(config, accelerator.device, DTYPES[train.mixed_precision])
     field = build_field(config, task)
@@ -135,7 +143,7 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
     ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
     conditions = condition_reader(dataset, task, accelerator.unwrap_model(prepared), config.model.train_encoder,
                                   accelerator.device)
-    cache = ConditionCache(conditions, accelerator.device) if train.cache_latents else None
+    cache = condition_cache(config, conditions, accelerator.device, dataset.records, output, warn_on_main(accelerator))
     theta_T = None
     if objective.kind == "supervised":
         if not objective.precomputed:
