@@ -60,6 +60,16 @@ def evaluate(run: TrainingRun, step: int) -> float | None:
     return recovered
 
 
+def write_field(run: TrainingRun, trained_steps: int, recovered: float | None) -> Path:
+    """`output/field`, written by the main process once every process got here: the field and its record."""
+    field_dir = run.output / "field"
+    if run.accelerator.is_main_process:
+        record = field_record(run.config, run.task, trained_steps, recovered)
+        save_field(run.accelerator.unwrap_model(run.field), field_dir, record)
+    run.accelerator.wait_for_everyone()
+    return field_dir
+
+
 def skip_nonfinite(run: TrainingRun, state: LoopState, error: NonFiniteError) -> None:
     """Drop the step with NaN/Inf values and count it, or stop once train.skip_nonfinite steps were skipped."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -109,14 +119,10 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
     if run.ema is not None:
         run.ema.copy_to_parameters()
     recovered = evaluate(run, state.step)
-    field_dir = run.output / "field"
-    if accelerator.is_main_process:
-        record = field_record(config, run.task, state.step, recovered)
-        save_field(accelerator.unwrap_model(run.field), field_dir, record)
+    field_dir = write_field(run, state.step, recovered)
     if state.skipped_nonfinite:
         print0(accelerator, f"skipped {state.skipped_nonfinite} step(s) with non-finite values")
     print0(accelerator, f"field written to '{field_dir}'")
-    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(field_dir=field_dir, steps=state.step, recovered=recovered)
 
