@@ -78,8 +78,8 @@ def train_worker(cache: str, photos: Path, run: Path, cache_dir: Path, steps: in
     The disk arm then also times disk and memory steps alternately in this one process (the memory rows copied
     from the disk), so load from other programs on the machine falls on both alike.
     """
-    from hyperfields.tasks.cache import ConditionCache, DiskRows, condition_identity
     from hyperfields.training.build import build_run
+    from hyperfields.training.cache import ConditionCache, DiskRows, condition_identity
 
     training = build_run(config(cache, cache_dir, steps), photos, run)
     if cache == "memory":  # the rows an epoch would compute, read from the built cache instead of computed again

@@ -19,8 +19,8 @@ from hyperfields import data
 from hyperfields.cli.main import app
 from hyperfields.config import Config, load_config
 from hyperfields.data import ImageRecord
-from hyperfields.tasks.cache import ConditionCache, DiskRows, condition_identity
 from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask
+from hyperfields.training.cache import ConditionCache, DiskRows, condition_identity
 
 runner = CliRunner()
 FAST = ["train.batch_size=2", "objective.steps=6", "train.heldout=0", "field.width=32", "field.depth=1",

@@ -20,7 +20,7 @@ from hyperfields.lora.targets import find_lora_targets
 from hyperfields.objectives import step_loss, task_gradients, update_direction
 from hyperfields.models import load_pipeline_components
 from hyperfields.models.tiny import TINY_XL
-from hyperfields.tasks.cache import ConditionCache
+from hyperfields.training.cache import ConditionCache
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 
 

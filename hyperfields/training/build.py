@@ -26,7 +26,7 @@ from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
-from hyperfields.tasks.cache import ConditionCache, condition_cache
+from hyperfields.training.cache import ConditionCache, condition_cache
 from hyperfields.training.ema import EMA
 from hyperfields.training.logs import print0
 

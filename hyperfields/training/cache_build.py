@@ -8,8 +8,8 @@ from pathlib import Path
 
 from hyperfields.config import Config
 from hyperfields.files import writable_folder
-from hyperfields.tasks.cache import DiskRows
 from hyperfields.training.build import build_run
+from hyperfields.training.cache import DiskRows
 
 
 @dataclass
