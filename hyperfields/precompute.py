@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hyperfields.config import Config
 from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder, split_heldout
 from hyperfields.errors import UserError, error_line
-from hyperfields.files import write_folder
+from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.matching import real_trajectory
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
@@ -65,8 +65,8 @@ def write_precomputed(output: Path, theta_T: Weights, theta0: Weights, images: S
     index = {"format": FORMAT, "format_version": 1, **record, "images": {path: row for row, path in enumerate(images)}}
 
     def write(staging: Path) -> None:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        write_safetensors(staging / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
+        write_text(staging / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
     return write_folder(output, write)
 

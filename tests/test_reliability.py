@@ -263,12 +263,12 @@ def test_unwritable_output_is_exit_code_2(photos, tmp_path):
 
 
 def test_disk_full_while_writing_the_field_leaves_nothing_under_its_name(photos, tmp_path, monkeypatch):
-    import hyperfields.field.io as field_io
+    import hyperfields.files as files
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(field_io, "save_file", disk_full)
+    monkeypatch.setattr(files, "save_file", disk_full)
     result = runner.invoke(app, train_args(photos, tmp_path / "run", "--max-steps", "1"))
     assert result.exit_code == 2 and "No space left" in result.output
     assert not (tmp_path / "run" / "field").exists()

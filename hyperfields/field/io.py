@@ -14,12 +14,12 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hyperfields.errors import UserError, error_line
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
-from hyperfields.files import write_folder
+from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.models import load_encoder
 
 FORMAT = "hyperfields-field"
@@ -148,9 +148,9 @@ def model_card(record: FieldRecord) -> str:
 def write_field_files(field: HyperField, record: FieldRecord, folder: Path) -> None:
     """model.safetensors, config.json and README.md of `field` in the existing `folder`."""
     folder = Path(folder)
-    save_file(field_state_dict(field), str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (folder / CONFIG_NAME).write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
-    (folder / CARD_NAME).write_text(model_card(record), encoding="utf-8")
+    write_safetensors(folder / WEIGHTS_NAME, field_state_dict(field), metadata={"format": FORMAT})
+    write_text(folder / CONFIG_NAME, json.dumps(record.to_json(), indent=2) + "\n")
+    write_text(folder / CARD_NAME, model_card(record))
 
 
 def save_field(field: HyperField, folder: Path, record: FieldRecord) -> Path:
