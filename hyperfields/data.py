@@ -13,6 +13,7 @@ import random
 import stat
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -118,8 +119,9 @@ def _load_metadata(jsonl: Path, warn: Callable[[str], None]) -> dict[str, str]:
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            warn(f"warning: {jsonl}:{lineno}: bad JSON ({exc.msg}); line skipped")
+        except (ValueError, RecursionError) as exc:  # not JSON, thousands of digits, nesting beyond the stack
+            reason = getattr(exc, "msg", None) or _one_line(str(exc).split(";")[0])
+            warn(f"warning: {jsonl}:{lineno}: bad JSON ({reason}); line skipped")
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
             warn(f"warning: {jsonl}:{lineno}: no \"file_name\" string; line skipped")
@@ -212,7 +214,7 @@ def scan_image_folder(
         else:
             caption = metadata_caption(path)
             if caption == "":
-                warn(f"warning: {path.name} has an empty \"text\" in {METADATA_NAME}; "
+                warn(f"warning: {path} has an empty \"text\" in {METADATA_NAME}; "
                      f"using {default_caption!r}")
         report.records.append(ImageRecord(path=path, caption=caption or default_caption))
 
@@ -257,7 +259,11 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     """Return float32 (3, resolution, resolution) in [-1, 1]: upright, short side resized, centre-cropped."""
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    with Image.open(path) as im:
+    with warnings.catch_warnings():
+        # Pillow only warns below twice its pixel limit and then decodes gigabytes: refuse such a photo instead.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
         # Lets JPEG decode at 1/2..1/8 scale when the photo is much bigger than needed.
         im.draft(None, (resolution, resolution))
         im.load()
