@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, TypeVar
 import typer
 
 from hyperfields.config import presets
-from hyperfields.errors import TrainingError, UserError
+from hyperfields.errors import TrainingError, UserError, printable
 from hyperfields.lora import LoraFormat
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,13 +37,8 @@ def refuse_lora_options(ctx: typer.Context, task: str, names: list[str]) -> None
             raise UserError(f"{parameter.opts[0]} applies to LoRA fields; this field was trained on task '{task}'")
 
 
-def one_line(message: str) -> str:
-    """`message` with line breaks and other control characters escaped, so a typed key or file name cannot split it."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
-
-
 def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {one_line(message)}", err=True, fg=typer.colors.RED)
+    typer.secho(f"error: {printable(message)}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
 
 
