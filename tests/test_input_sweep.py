@@ -37,8 +37,8 @@ from hyperfields.config import Config, load_config
 from hyperfields.data import IMAGE_SUFFIXES, METADATA_NAME, ImageRecord, scan_image_folder
 from hyperfields.errors import UserError, printable
 from hyperfields.field.io import REQUIRED_RECORD, load_field
-from hyperfields.generate import read_photo
 from hyperfields.precompute import INDEX_NAME, THETA0_PREFIX, WEIGHTS_NAME, load_precomputed, write_precomputed
+from hyperfields.predict import read_photo
 from tests.conftest import QuadraticTask, clean_exit
 from tests.tiny_field import ROOT, TinyField, tiny_field
 
@@ -575,7 +575,9 @@ def test_set_value_that_is_not_yaml_is_one_line_naming_the_key(scratch):
         ],
     )
     line = error_line(result)
-    assert "--set 'lora.targets=...'" in line and "unknown escape character" in line and "single quotes" in line, line
+    assert "override 'lora.targets=...'" in line and "unknown escape character" in line and "single quotes" in line, (
+        line
+    )
     assert load_config(None, ["lora.targets=['re:(time|add)_embedding\\.linear_\\d']"]).lora.targets == [
         "re:(time|add)_embedding\\.linear_\\d"
     ]
@@ -589,7 +591,7 @@ def test_yaml_beyond_the_parser_is_one_line_in_a_file_and_in_set(tmp_path, text)
     config.write_text(f"train:\n  seed: {text}\n")
     with pytest.raises(UserError, match=f"config file '{config}' is not usable YAML"):
         load_config(config)
-    with pytest.raises(UserError, match=r"--set 'train.seed=...': the value is not usable YAML"):
+    with pytest.raises(UserError, match=r"override 'train.seed=...': the value is not usable YAML"):
         load_config(None, [f"train.seed={text}"])
 
 
@@ -622,7 +624,7 @@ def test_an_error_line_stays_one_line_whatever_the_key_holds(scratch):
 
 
 def edited_field(trained: TinyField, folder: Path, **changes) -> Path:
-    """A copy of the tiny field whose config.json has `changes`: record keys, `field__<setting>`, or `layout` (first)."""
+    """A copy of the tiny field whose config.json has `changes`: record keys, `field__<setting>`, `layout` (first)."""
     field = shutil.copytree(trained.field, folder)
     record = json.loads((field / "config.json").read_text())
     for key, value in changes.items():
@@ -742,7 +744,7 @@ def test_every_written_file_gets_the_permissions_of_an_ordinary_file(trained, pr
     previous = os.umask(0o027)
     try:
         field, record = load_field(trained.field)
-        save_field(field, tmp_path / "field", {key: value for key, value in record.items() if key != "versions"})
+        save_field(field, tmp_path / "field", record)
         exported = [
             "export",
             "--field",
