@@ -2,7 +2,7 @@
 
 
 def printable(text: str) -> str:
-    """`text` with line breaks and other control characters escaped, so a quoted key or file name cannot split a line."""
+    """`text` with line breaks and other control characters escaped: a quoted key or file name cannot split a line."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 

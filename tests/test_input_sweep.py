@@ -652,6 +652,8 @@ def edited_field(trained: TinyField, folder: Path, **changes) -> Path:
         ({"steps": 0}, "no valid 'steps'"),
         ({"steps": True}, "no valid 'steps'"),
         ({"resolution": -3}, "no valid 'resolution'"),
+        ({"resolution": 10**5}, "no valid 'resolution' (from 1 to 9459 expected)"),
+        ({"steps": 10**30}, "no valid 'steps' (from 1 to 2**63 - 1 expected)"),
     ],
     ids=lambda value: json.dumps(value) if isinstance(value, dict) else None,
 )

@@ -17,6 +17,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from hyperfields.data import MAX_PIXELS
 from hyperfields.errors import UserError, error_line
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
@@ -90,7 +91,10 @@ class FieldRecord:
                                 "it was edited or is damaged, write it again with 'hyperfields train'")
         shapes_valid = all(isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)
                            for shape in values["layout"].values())
-        checks = (("steps", values["steps"] > 0, "above 0"), ("resolution", values["resolution"] > 0, "above 0"),
+        # T divides t as a 64-bit tensor; photos are cropped to resolution^2 pixels, within the limit for any photo.
+        side = math.isqrt(MAX_PIXELS)
+        checks = (("steps", 0 < values["steps"] < 2**63, "from 1 to 2**63 - 1"),
+                  ("resolution", 0 < values["resolution"] <= side, f"from 1 to {side}"),
                   ("layout", shapes_valid, "a list of positive integers per tensor"))
         for key, valid, expected in checks:
             if not valid:
@@ -271,7 +275,8 @@ def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any)
                         "upgrade hyperfields") from None
     except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as error:  # sizes that build no field (heads)
         raise UserError(f"field folder '{folder}': {CONFIG_NAME} has field settings that build no field "
-                        f"({error_line(error)}); it was edited or is damaged, write it again with 'hyperfields train'") from None
+                        f"({error_line(error)}); it was edited or is damaged, write it again with 'hyperfields train'"
+                        ) from None
     expected = field.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("encoder.")]
     unexpected = [k for k in state if k not in expected]
