@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hyperfields.config import Config
@@ -25,7 +25,7 @@ from hyperfields.evaluation import HeldoutReference, evaluate_field, heldout_ref
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.io import FieldRecord, save_field
 from hyperfields.field.model import HyperField
-from hyperfields.files import replace_folder, writable_folder
+from hyperfields.files import replace_folder, writable_folder, write_safetensors, write_text
 from hyperfields.manifest import MANIFEST_NAME, scan_with_manifest
 from hyperfields.matching import NonFiniteError, direct_loss, gradient_matching_loss, supervised_loss
 from hyperfields.models import load_encoder
@@ -66,7 +66,7 @@ class EMA:
 
     def save(self, path: Path) -> None:
         # safetensors, not accelerate's custom-object pickle: a checkpoint never needs unpickling.
-        save_file({str(i): s.detach().contiguous().cpu() for i, s in enumerate(self.shadow)}, str(path))
+        write_safetensors(path, {str(i): s.detach().contiguous().cpu() for i, s in enumerate(self.shadow)})
 
     def load(self, path: Path) -> None:
         tensors = load_file(str(path))
@@ -206,7 +206,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.save(staging / EMA_NAME)
                 # The state file is written last: a folder without it is never taken for a checkpoint.
-                (staging / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+                write_text(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
                 replace_folder(staging, final)
         except OSError as error:  # disk full, quota: nothing under the final name, the last good checkpoint kept
             shutil.rmtree(staging, ignore_errors=True)
