@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import typing
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -145,19 +146,25 @@ _POSITIVE = {
 }
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters: an error line stays readable whatever was typed."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """The value converted to the annotated type, or a UserError naming the key."""
     origin = get_origin(annotation)
     if origin is Literal:
         choices = get_args(annotation)
         if value not in choices:
-            raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+            raise UserError(f"config key '{key}': {_shown(value)} is not one of {', '.join(map(str, choices))}")
         return value
     if origin in (list, typing.List):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}': expected a list, got {value!r}")
+            raise UserError(f"config key '{key}': expected a list, got {_shown(value)}")
         (item_type,) = get_args(annotation)
         return [_coerce(v, item_type, key) for v in value]
     if annotation is bool:
@@ -165,20 +172,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise UserError(f"config key '{key}': expected true or false, got {value!r}")
+        raise UserError(f"config key '{key}': expected true or false, got {_shown(value)}")
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise UserError(f"config key '{key}': expected a number, got {value!r}")
+            raise UserError(f"config key '{key}': expected a number, got {_shown(value)}")
+        expected = "an integer" if annotation is int else "a number"
         try:
             number = float(value) if annotation is float else value if isinstance(value, int) else int(str(value), 10)
-        except ValueError:
-            raise UserError(f"config key '{key}': expected {'an integer' if annotation is int else 'a number'}, got {value!r}") from None
-        if isinstance(number, float) and annotation is int:
-            raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+        except (ValueError, TypeError, OverflowError):  # text, a list or null; an integer beyond any float
+            raise UserError(f"config key '{key}': expected {expected}, got {_shown(value)}") from None
+        if isinstance(number, float) and (annotation is int or not math.isfinite(number)):
+            raise UserError(f"config key '{key}': expected a finite {expected.split()[-1]}, got {_shown(value)}")
+        if annotation is int and abs(number) >= 2**63:  # seeds and counts reach torch as 64-bit integers
+            raise UserError(f"config key '{key}': {number} does not fit in 64 bits")
         return number
     if annotation is str:
         if not isinstance(value, (str, int, float)):
-            raise UserError(f"config key '{key}': expected text, got {value!r}")
+            raise UserError(f"config key '{key}': expected text, got {_shown(value)}")
         return str(value)
     raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
 
@@ -277,21 +287,41 @@ def resolve_config(name: str | Path) -> Path | Traversable:
     return found[text]
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """The value of YAML `text`; when it is not YAML, a one-line UserError naming `where` and the problem's place."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        place = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        # In double quotes YAML reads a backslash as an escape: regexes (\d, \.) belong in single quotes.
+        hint = "; write text with backslashes in 'single quotes'" if "escape" in str(error.problem) else ""
+        raise UserError(f"{where} is not valid YAML: {error.problem or error.context}{place}{hint}") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{where} is not valid YAML ({error_line(error)})") from None
+    except (ValueError, RecursionError) as error:  # an integer of thousands of digits; nesting beyond the stack
+        raise UserError(f"{where} is not usable YAML ({error_line(error)})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """The Config from a YAML file or preset name (defaults where absent) with `section.key=value` overrides applied."""
-    values: dict[str, Any] = {}
+    values: Any = {}
     where = "config"
     if path is not None:
         source = resolve_config(path)
         where = str(source)
         try:
-            values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+            text = source.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UserError(f"config file '{source}' does not exist") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"config file '{source}' is not valid YAML: not UTF-8 text "
+                            f"({error.reason} at byte {error.start})") from None
         except OSError as error:  # a folder, no permission
             raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise UserError(f"config file '{source}' is not valid YAML ({error_line(error)})") from None
+        values = parse_yaml(text, f"config file '{source}'")
+        if values is None:  # an empty file or only comments: the defaults
+            values = {}
         if not isinstance(values, dict):
             raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
     config = config_from_dict(values, where=where)
@@ -299,6 +329,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, raw = override.partition("=")
         if not sep:
             raise UserError(f"override '{override}': expected key=value, e.g. train.max_steps=100")
-        _set(config, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set(config, key.strip(), parse_yaml(raw, f"override '{key.strip()}=...': the value") if raw.strip() else "")
     _validate(config)
     return config

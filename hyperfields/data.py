@@ -13,7 +13,9 @@ import random
 import stat
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hyperfields.errors import UserError
+from hyperfields.errors import UserError, printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA_NAME = "metadata.jsonl"
@@ -55,6 +57,19 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """A block in which Pillow's warnings are silenced and a decompression bomb is an error.
+
+    Pillow warns about corrupt EXIF and the like (lines of their own on stderr; the photo is still used), and only
+    warns below twice its pixel limit before decoding gigabytes: such a photo is refused instead.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
     """Return (None, size) if `path` decodes fully, else (one-line reason it cannot be used, (0, 0))."""
     try:
@@ -65,14 +80,14 @@ def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
             return "empty file (0 bytes)", (0, 0)
         # Header-only open with Pillow's guard off, so we can report the real
         # W×H ourselves; Pillow's error for >2x the limit carries only a count.
-        with _BOMB_LOCK:
+        with _BOMB_LOCK, _decoding():
             saved = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
             try:
                 im = Image.open(path)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
-        with im:
+        with im, _decoding():
             width, height = im.size
             if width * height > MAX_PIXELS:
                 return f"too large ({width}×{height} pixels)", (0, 0)
@@ -118,8 +133,9 @@ def _load_metadata(jsonl: Path, warn: Callable[[str], None]) -> dict[str, str]:
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            warn(f"warning: {jsonl}:{lineno}: bad JSON ({exc.msg}); line skipped")
+        except (ValueError, RecursionError) as exc:  # not JSON, thousands of digits, nesting beyond the stack
+            reason = getattr(exc, "msg", None) or _one_line(str(exc).split(";")[0])
+            warn(f"warning: {jsonl}:{lineno}: bad JSON ({reason}); line skipped")
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
             warn(f"warning: {jsonl}:{lineno}: no \"file_name\" string; line skipped")
@@ -147,8 +163,12 @@ def scan_image_folder(
     `check_image` (a scan manifest answers for files it already decoded).
     Raises UserError if the folder is missing or holds no usable image.
     """
-    warn = warn or _stderr_warn
+    emit = warn or _stderr_warn
     check = check or check_image
+
+    def warn(message: str) -> None:  # a file name with a line break must not split a warning
+        emit(printable(message))
+
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"image folder '{folder}' does not exist")
@@ -212,7 +232,7 @@ def scan_image_folder(
         else:
             caption = metadata_caption(path)
             if caption == "":
-                warn(f"warning: {path.name} has an empty \"text\" in {METADATA_NAME}; "
+                warn(f"warning: {path} has an empty \"text\" in {METADATA_NAME}; "
                      f"using {default_caption!r}")
         report.records.append(ImageRecord(path=path, caption=caption or default_caption))
 
@@ -257,7 +277,9 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     """Return float32 (3, resolution, resolution) in [-1, 1]: upright, short side resized, centre-cropped."""
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    with Image.open(path) as im:
+    with _decoding():
+        im = Image.open(path)
+    with im, _decoding():
         # Lets JPEG decode at 1/2..1/8 scale when the photo is much bigger than needed.
         im.draft(None, (resolution, resolution))
         im.load()

@@ -1,6 +1,11 @@
 """The exception types the command line turns into one-line messages, and how a library's error becomes one line."""
 
 
+def printable(text: str) -> str:
+    """`text` with line breaks and other control characters escaped: a quoted key or file name cannot split a line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class UserError(Exception):
     """Bad input from the user: a file, a key or a value. The message names it and what would be right."""
 

@@ -8,35 +8,64 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from hyperfields.errors import UserError
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """`path`, after `write(temporary)` filled a temporary sibling that is then renamed over it.
+def file_mode() -> int:
+    """The permission bits of an ordinary new file of this user: 0o666 less the process umask."""
+    # /proc reads the umask without changing it; os.umask can only read it by setting it, racing other threads.
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
-    On any failure the temporary file is removed and `path` keeps its old content (or stays absent);
-    an OSError becomes a UserError naming `path`.
+
+def write_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """`path`, after `write(temporary)` filled a temporary sibling that is then renamed over it with `file_mode()`.
+
+    On any failure the temporary file is removed, `path` keeps its old content (or stays absent) and the error
+    propagates.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-    except OSError as error:
-        raise UserError(f"cannot write '{path}' ({error.strerror or error})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     temporary = Path(name)
     try:
         write(temporary)
-        # mkstemp creates owner-only files; outputs are meant to be shared like any other file.
-        temporary.chmod(0o644)
+        # mkstemp and safetensors make owner-only files; an output is shared like any other file of the user's.
+        temporary.chmod(file_mode())
         os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{path}' ({error.strerror or error})") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """`path`, written as `write_file` writes it; an OSError becomes a UserError naming `path`."""
+    try:
+        return write_file(path, write)
+    except OSError as error:
+        raise UserError(f"cannot write '{path}' ({error.strerror or error})") from None
+
+
+def write_text(path: Path, text: str) -> Path:
+    """`path`, holding `text` in UTF-8, written as `write_file` writes it."""
+    return write_file(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """`path`, holding `tensors` (and `metadata` in its header) in safetensors, written as `write_file` writes it."""
+    return write_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def replace_folder(staging: Path, final: Path) -> Path:
@@ -45,6 +74,10 @@ def replace_folder(staging: Path, final: Path) -> Path:
     Two renames, so a kill at any moment leaves either folder complete under some name, never a half-deleted one.
     """
     staging, final = Path(staging), Path(final)
+    mode = file_mode()
+    for path in staging.rglob("*"):  # files written by other libraries (accelerate, diffusers) may be owner-only
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
     if final.exists():
         replaced = final.with_name(f".{final.name}.old-{os.getpid()}")
         shutil.rmtree(replaced, ignore_errors=True)

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hyperfields.config import Config
 from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder, split_heldout
 from hyperfields.errors import UserError, error_line
-from hyperfields.files import write_folder
+from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.objectives import real_trajectory
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
@@ -65,8 +65,8 @@ def write_precomputed(output: Path, theta_T: Weights, theta0: Weights, images: S
     index = {"format": FORMAT, "format_version": 1, **record, "images": {path: row for row, path in enumerate(images)}}
 
     def write(staging: Path) -> None:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        write_safetensors(staging / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
+        write_text(staging / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
     return write_folder(output, write)
 
@@ -97,7 +97,7 @@ def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], d
     except FileNotFoundError as error:
         raise UserError(f"objective.precomputed '{folder}': no {Path(error.filename).name} "
                         "(is it a folder written by 'hyperfields precompute'?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
+    except (ValueError, RecursionError, SafetensorError, OSError) as error:  # JSON, UTF-8, digits, nesting, truncation
         raise UserError(f"objective.precomputed '{folder}': unreadable ({error_line(error)})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"objective.precomputed '{folder}': {INDEX_NAME} is not a hyperfields precomputed index")
@@ -120,6 +120,10 @@ def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], d
         if found != shape:
             raise UserError(f"objective.precomputed '{folder}': {WEIGHTS_NAME} tensor '{key}' should have shape {shape}, "
                             f"found {found}; run 'hyperfields precompute' again")
+        if not tensors[key].is_floating_point() or not torch.isfinite(tensors[key]).all():
+            problem = "NaN or infinite values" if tensors[key].is_floating_point() else f"dtype {tensors[key].dtype}"
+            raise UserError(f"objective.precomputed '{folder}': {WEIGHTS_NAME} tensor '{key}' has {problem}, "
+                            "not finite floating-point weights; run 'hyperfields precompute' again")
     for name, w in task.initial_weights().items():
         if not torch.equal(tensors[THETA0_PREFIX + name], w.float().cpu()):
             raise UserError(f"objective.precomputed '{folder}': its theta_0 differs from this config's ('{name}'); "

@@ -6,8 +6,18 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Generated input sweeps: `ci` (the default) runs a fixed, small set of cases, the same on every run;
+# HYPOTHESIS_PROFILE=deep searches far more cases with fresh randomness.
+_SLOW_INPUTS = [HealthCheck.too_slow, HealthCheck.data_too_large]
+# No explain phase in CI: it reruns a failing case ~100 times (minutes for a CLI case) to list lines it covered.
+settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, database=None, print_blob=True,
+                          suppress_health_check=_SLOW_INPUTS, phases=[p for p in Phase if p is not Phase.explain])
+settings.register_profile("deep", max_examples=1000, deadline=None, suppress_health_check=_SLOW_INPUTS, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from transformers import ViTConfig, ViTModel  # noqa: E402
 

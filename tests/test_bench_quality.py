@@ -55,6 +55,10 @@ def test_inr_benchmark_writes_the_table_json_and_plot(tmp_path: Path) -> None:
             assert all(math.isfinite(v) for v in values.values())
     assert report["trajectory"]["field"]["20"] == report["field_T"]  # inr: the mean PSNR at T
     assert all(e > 0 for e in report["stderr"]["real"].values())
+    full_field = report["runs"][1]["arms"]["field"]
+    gap = {t: full_field["trajectory"][t] - report["trajectory"]["real"][t] for t in full_field["trajectory"]}
+    assert all(math.isclose(full_field["gap"][t], gap[t], abs_tol=1e-4) for t in gap)  # photo by photo, same mean
+    assert all(e >= 0 for e in full_field["gap_stderr"].values())
     quarter, full = report["runs"]
     # A budget fraction is a shorter run on batches of the same size. Matching with the end term spends 1 + 2 task
     # evaluations per condition and step: 480 / (8 steps x 3) = batch 20; direct spends 1: batch 60. The baseline

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, TypeVar
 import typer
 
 from hyperfields.config import presets
-from hyperfields.errors import TrainingError, UserError
+from hyperfields.errors import TrainingError, UserError, printable
 from hyperfields.lora import LoraFormat
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,7 +38,7 @@ def refuse_lora_options(ctx: typer.Context, task: str, names: list[str]) -> None
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    typer.secho(f"error: {printable(message)}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
 
 

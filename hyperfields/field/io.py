@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass, fields, replace
 from dataclasses import field as dc_field
@@ -14,12 +15,13 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from hyperfields.data import MAX_PIXELS
 from hyperfields.errors import UserError, error_line
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
-from hyperfields.files import write_folder
+from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.models import load_encoder
 
 FORMAT = "hyperfields-field"
@@ -83,8 +85,20 @@ class FieldRecord:
             # only in the run configuration.
             settings = {"inr": values.get("config", {}).get("inr", {})}
         for key, kind in {**REQUIRED_RECORD, **REQUIRED_TASK_KEYS[task]}.items():
-            if not isinstance({**values, **settings}.get(key), kind):
+            value = {**values, **settings}.get(key)
+            if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kind):
                 raise UserError(f"{where} has no valid '{key}' ({' or '.join(t.__name__ for t in kind)} expected); "
+                                "it was edited or is damaged, write it again with 'hyperfields train'")
+        shapes_valid = all(isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)
+                           for shape in values["layout"].values())
+        # T divides t as a 64-bit tensor; photos are cropped to resolution^2 pixels, within the limit for any photo.
+        side = math.isqrt(MAX_PIXELS)
+        checks = (("steps", 0 < values["steps"] < 2**63, "from 1 to 2**63 - 1"),
+                  ("resolution", 0 < values["resolution"] <= side, f"from 1 to {side}"),
+                  ("layout", shapes_valid, "a list of positive integers per tensor"))
+        for key, valid, expected in checks:
+            if not valid:
+                raise UserError(f"{where} has no valid '{key}' ({expected} expected); "
                                 "it was edited or is damaged, write it again with 'hyperfields train'")
         common = {name: values[name] for name in names if name in values}
         common["layout"] = {name: tuple(shape) for name, shape in values["layout"].items()}
@@ -148,9 +162,9 @@ def model_card(record: FieldRecord) -> str:
 def write_field_files(field: HyperField, record: FieldRecord, folder: Path) -> None:
     """model.safetensors, config.json and README.md of `field` in the existing `folder`."""
     folder = Path(folder)
-    save_file(field_state_dict(field), str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (folder / CONFIG_NAME).write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
-    (folder / CARD_NAME).write_text(model_card(record), encoding="utf-8")
+    write_safetensors(folder / WEIGHTS_NAME, field_state_dict(field), metadata={"format": FORMAT})
+    write_text(folder / CONFIG_NAME, json.dumps(record.to_json(), indent=2) + "\n")
+    write_text(folder / CARD_NAME, model_card(record))
 
 
 def save_field(field: HyperField, folder: Path, record: FieldRecord) -> Path:
@@ -196,9 +210,34 @@ def read_record(folder: Path) -> FieldRecord:
         values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"field folder '{folder}': no {CONFIG_NAME} (is it a folder written by 'hyperfields train'?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # not JSON or UTF-8, thousands of digits, nesting beyond the stack
+        raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not valid JSON ({error_line(error)})") from None
+    except OSError as error:  # a folder, no permission
+        raise UserError(f"field folder '{folder}': {CONFIG_NAME} cannot be read ({error.strerror or error})") from None
     return FieldRecord.from_json(values, f"field folder '{folder}': {CONFIG_NAME}")
+
+
+def _size_mismatch(record: FieldRecord, state: dict[str, torch.Tensor]) -> str | None:
+    """The first field size in the record that its weights contradict, or None.
+
+    Checked before the field is built: an edited width, depth or shape would otherwise ask for terabytes or hours.
+    """
+    for i, (name, shape) in enumerate(record.layout.items()):  # the field keeps theta_0 of tensor i as theta0_i
+        saved = tuple(state[f"theta0_{i}"].shape) if f"theta0_{i}" in state else "no such tensor"
+        if tuple(shape) != saved:
+            return f"layout '{name}' {list(shape)} (the weights' theta0_{i}: {saved})"
+    field = record.field
+    blocks = {key.split(".")[1] for key in state if key.startswith("blocks.")}
+    found = {"width": state["tokens"].shape[-1] if "tokens" in state else None, "depth": len(blocks),
+             "spatial_rank": state["spatial_down.weight"].shape[0] if "spatial_down.weight" in state else 0,
+             "mlp_hidden": state["blocks.0.mlp.0.weight"].shape[0] if "blocks.0.mlp.0.weight" in state else None}
+    claimed = {key: field[key] for key in ("width", "depth", "spatial_rank") if key in field}
+    if isinstance(field.get("width"), int) and isinstance(field.get("mlp_ratio"), (int, float)) and blocks:
+        claimed["mlp_hidden"] = int(field["width"] * field["mlp_ratio"]) if math.isfinite(field["mlp_ratio"]) else None
+    for key, value in claimed.items():
+        if value != found[key]:
+            return f"{key} {value} (the weights have {found[key]})"
+    return None
 
 
 def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any) -> tuple[HyperField, FieldRecord]:
@@ -214,6 +253,16 @@ def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any)
         raise UserError(f"field folder '{folder}': no {WEIGHTS_NAME}") from None
     except (SafetensorError, OSError) as error:
         raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} is truncated or not safetensors ({error})") from None
+    mismatch = _size_mismatch(record, state)
+    if mismatch is not None:
+        raise UserError(f"field folder '{folder}': {CONFIG_NAME} does not match {WEIGHTS_NAME}: {mismatch}; "
+                        "it was edited or is damaged, write it again with 'hyperfields train'")
+    damaged = next((name for name, tensor in state.items()
+                    if not tensor.is_floating_point() or not torch.isfinite(tensor).all()), None)
+    if damaged is not None:
+        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} tensor '{damaged}' is "
+                        f"{'not floating point' if not state[damaged].is_floating_point() else 'NaN or infinite'}; "
+                        "the file is damaged, write it again with 'hyperfields train'")
     model, norm = load_encoder(record.encoder)
     encoder = ImageEncoder(model, norm, trainable=record.train_encoder)
     zeros = {name: torch.zeros(shape) for name, shape in record.layout.items()}
@@ -222,7 +271,12 @@ def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any)
         field = HyperField(encoder, record.layout, zeros, ones, steps=record.steps, **record.field)
     except TypeError as error:  # a field setting this version does not know: written by a newer hyperfields
         raise UserError(f"field folder '{folder}': {CONFIG_NAME} has field settings this hyperfields "
-                        f"({package_versions()['hyperfields']}) does not know ({error}); upgrade hyperfields") from None
+                        f"({package_versions()['hyperfields']}) does not know ({error_line(error)}); "
+                        "upgrade hyperfields") from None
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as error:  # sizes that build no field (heads)
+        raise UserError(f"field folder '{folder}': {CONFIG_NAME} has field settings that build no field "
+                        f"({error_line(error)}); it was edited or is damaged, write it again with 'hyperfields train'"
+                        ) from None
     expected = field.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("encoder.")]
     unexpected = [k for k in state if k not in expected]

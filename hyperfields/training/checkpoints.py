@@ -12,7 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from hyperfields.errors import TrainingError, UserError, error_line
-from hyperfields.files import replace_folder
+from hyperfields.files import replace_folder, write_text
 from hyperfields.training.ema import EMA
 
 CHECKPOINTS = "checkpoints"
@@ -79,7 +79,7 @@ def save_checkpoint(accelerator: Accelerator, output: Path, state: LoopState, co
             if ema is not None:
                 ema.save(staging / EMA_NAME)
             # The state file is written last: a folder without it is never taken for a checkpoint.
-            (staging / STATE_NAME).write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+            write_text(staging / STATE_NAME, json.dumps(values, indent=2) + "\n")
             replace_folder(staging, final)
     except OSError as error:  # disk full, quota: nothing under the final name, the last good checkpoint kept
         shutil.rmtree(staging, ignore_errors=True)

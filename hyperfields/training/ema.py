@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from hyperfields.files import write_safetensors
 
 
 class EMA:
@@ -27,7 +29,7 @@ class EMA:
 
     def save(self, path: Path) -> None:
         # safetensors, not accelerate's custom-object pickle: a checkpoint never needs unpickling.
-        save_file({str(i): s.detach().contiguous().cpu() for i, s in enumerate(self.shadow)}, str(path))
+        write_safetensors(path, {str(i): s.detach().contiguous().cpu() for i, s in enumerate(self.shadow)})
 
     def load(self, path: Path) -> None:
         tensors = load_file(str(path))
