@@ -219,7 +219,8 @@ def _validate(config: Config) -> None:
     if config.field.width % config.field.heads:
         raise UserError(f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}")
     if config.objective.rollout >= config.objective.steps:
-        raise UserError(f"config key 'objective.rollout': {config.objective.rollout} must be below objective.steps={config.objective.steps}")
+        rollout, steps = config.objective.rollout, config.objective.steps
+        raise UserError(f"config key 'objective.rollout': {rollout} must be below objective.steps={steps}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
     for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
@@ -234,7 +235,8 @@ def _validate(config: Config) -> None:
                             "contradicts train.cache=disk; remove train.cache_latents")
         config.train.cache = "memory"  # the alias resolved once, so only train.cache is ever read
     if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
-        raise UserError(f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {config.data.caption_template!r}")
+        template = config.data.caption_template
+        raise UserError(f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {template!r}")
 
 
 def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def lora_cache_dir() -> Path:
 
 
 def cached_lora_file(field: HyperField, record: FieldRecord, photo: Photo, t: float, cache_dir: Path) -> Path:
-    """A diffusers LoRA file of Psi(photo, t), predicted on first use and kept in `cache_dir` under (field, photo, t)."""
+    """A diffusers LoRA file of Psi(photo, t), predicted on first use, kept in `cache_dir` under (field, photo, t)."""
     path = Path(cache_dir) / f"{field_fingerprint(field, record)[:16]}-{photo.sha256[:16]}-t{t:g}.safetensors"
     if not path.is_file():  # written atomically, so a present file is complete
         write_lora(predict_lora(field, record, photo, t), path, "diffusers")
@@ -64,7 +64,7 @@ def cached_lora_file(field: HyperField, record: FieldRecord, photo: Photo, t: fl
 
 
 def load_lora(pipeline: Any, path: Path) -> None:
-    """Load a diffusers LoRA file into `pipeline` as a user would, without diffusers' note that it has no text-encoder part."""
+    """Load a diffusers LoRA file into `pipeline` as a user would, without the note that it has no text-encoder part."""
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -104,7 +104,7 @@ def image_name(prompt_index: int, image_index: int) -> str:
 
 
 def write_images(rows: list[list[Image.Image]], folder: Path, details: dict[str, Any]) -> list[Path]:
-    """The PNGs written into `folder`: one per image, contact_sheet.png, and generation.json saying how they were made."""
+    """The PNGs written into `folder`: one per image, contact_sheet.png, and generation.json on how they were made."""
     written = []
     for p, row in enumerate(rows):
         for i, image in enumerate(row):
@@ -130,7 +130,7 @@ def write_details(folder: Path, details: dict[str, Any]) -> Path:
 
 def generate(field: HyperField, record: FieldRecord, photo: Photo, prompts: list[str], t: float, base_model: str,
              sampling: Sampling, cache_dir: Path) -> tuple[list[list[Image.Image]], dict[str, Any]]:
-    """Images of the base model personalised by Psi(photo, t), one row per prompt, and a record of how they were made."""
+    """Images of the base model personalised by Psi(photo, t), a row per prompt, and a record of how they were made."""
     require_task(record, "lora", "generating with a base model")
     device = default_device()
     pipeline = load_pipeline(base_model, torch.float16 if device.type == "cuda" else torch.float32)

@@ -47,7 +47,7 @@ class FieldBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
 
     def forward(self, x: torch.Tensor, image_tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (N * M, W, D): the weight tokens of M steps per image, rows ordered (image, step); image_tokens (N, S, D)."""
+        """x (N * M, W, D): weight tokens of M steps per image, rows ordered (image, step); image_tokens (N, S, D)."""
         s1, c1, g1, s2, c2, g2, s3, c3, g3 = self.adaLN_modulation(cond).chunk(9, dim=1)
         h = modulate(self.norm1(x), s1, c1)
         x = x + g1.unsqueeze(1) * self.self_attn(h, h, h, need_weights=False)[0]

@@ -282,7 +282,8 @@ def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any)
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or reshaped:
-        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} does not match its config ({len(missing)} missing, {len(unexpected)} unexpected, "
-                        f"{len(reshaped)} wrongly shaped tensors, e.g. {(missing + unexpected + reshaped)[0]})")
+        counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} wrongly shaped tensors"
+        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} does not match its config ({counts}, "
+                        f"e.g. {(missing + unexpected + reshaped)[0]})")
     field.load_state_dict(state, strict=False)
     return field.to(device).eval(), record

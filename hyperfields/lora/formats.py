@@ -148,7 +148,8 @@ def sgm_unet_name(target: str, layers_per_block: int = 2) -> str:
     if inner == "resnets":
         head, dot, tail = rest.partition(".")
         if head not in _SGM_RESNET:
-            raise UserError(f"LoRA target {target!r} has no SDXL kohya name: resnet layer {head!r} is not one of {', '.join(_SGM_RESNET)}")
+            known = ", ".join(_SGM_RESNET)
+            raise UserError(f"LoRA target {target!r} has no SDXL kohya name: resnet layer {head!r} is not one of {known}")
         rest = _SGM_RESNET[head] + dot + tail
     part = 0 if inner == "resnets" else 1
     if kind == "down_blocks":
@@ -165,7 +166,7 @@ def kohya_name_sdxl(target: str, layers_per_block: int = 2) -> str:
 
 def kohya_state_dict(lora: LoraWeights, dtype: torch.dtype = torch.float32,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`."""
+    """The tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
     tensors = {}
     for target in lora.targets:
         name = kohya_name(target) if lora.sdxl_layers_per_block is None else kohya_name_sdxl(target, lora.sdxl_layers_per_block)

@@ -52,7 +52,7 @@ class ImageNorm:
 
 
 def resolve_model_path(name: str, kind: Literal["pipeline", "encoder"]) -> str:
-    """Returns where to load `name` from: the tiny cache for "tiny" / "tiny-xl", a local folder as is, else the hub id."""
+    """Where to load `name` from: the tiny cache for "tiny" / "tiny-xl", a local folder as is, else the hub id."""
     if name == TINY:
         return str(tiny_models_dir() / kind)
     if name == TINY_XL and kind == "pipeline":
@@ -75,7 +75,7 @@ def _pipeline_error(base_model: str, path: str, exc: BaseException) -> UserError
 
 
 def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Returns `base_model` as the diffusers pipeline a user would load (SD or SDXL, by its model_index.json), with its own scheduler."""
+    """`base_model` as the diffusers pipeline a user would load (SD or SDXL, by its model_index.json), own scheduler."""
     from diffusers import DiffusionPipeline
 
     path = resolve_model_path(base_model, "pipeline")

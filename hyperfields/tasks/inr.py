@@ -42,7 +42,7 @@ class InrTask:
         for name, fan_in, fan_out in zip(names, widths[:-1], widths[1:]):
             self._layout[f"{name}.weight"], self._fan_in[f"{name}.weight"] = (fan_out, fan_in), fan_in
             self._layout[f"{name}.bias"], self._fan_in[f"{name}.bias"] = (fan_out,), fan_in
-        # torch.nn.Linear's own init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, drawn after the projection.
+        # torch.nn.Linear's own init, U(+-1/sqrt(fan_in)) for weight and bias, drawn after the projection.
         self._theta0 = {
             name: (torch.rand(shape, generator=generator) * 2 - 1) * self._fan_in[name] ** -0.5
             for name, shape in self._layout.items()

@@ -197,7 +197,7 @@ class ConditionCache:
                 batch = self.compute(missing)
             for position, index in enumerate(missing):
                 # A copy, not a view: a view would keep the whole batch's storage alive.
-                rows[index] = map_tensors(lambda t: t[position : position + 1].detach().to("cpu", copy=True), batch)
+                rows[index] = map_tensors(lambda t, at=position: t[at : at + 1].detach().to("cpu", copy=True), batch)
                 self.store.keep(index, rows[index])
         return map_tensors(lambda t: t.to(self.device), concat_rows([rows[i] for i in indices]))
 
