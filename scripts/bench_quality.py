@@ -6,9 +6,9 @@ theta_T, then regress Psi(c, T) on it). Every arm gets the same budget of task e
 forward/backward pass, whatever objective.noise_draws; a forward pass without backward counts as one too):
 matching spends K = objective.rollout per sampled condition and optimiser step, K + 2 with objective.end_weight > 0
 (the gradient at Psi(c, T) and theta_0's loss on the same draws), 2 more with objective.hinge_weight > 0 (the
-gradient at Psi(c, t+1) and the loss of the real update on the same draws); direct spends 1. At the full budget each trains
-train.max_steps steps on batches of budget / (steps * that) conditions, and at a fraction f of it f * train.max_steps
-steps on batches of the same size (a shorter run, not a noisier one). The supervised baseline spends T per training
+gradient at Psi(c, t+1) and the loss of the real update on the same draws); direct spends 1. At the full budget
+each trains train.max_steps steps on batches of budget / (steps * that) conditions, and at a fraction f of it
+f * train.max_steps steps on batches of the same size (a shorter run, not a noisier one). The supervised baseline spends T per training
 image in `precompute` (f * budget / T images) and nothing while it regresses for the same number of steps.
 
 Each arm is scored on held-out photos at t = T/4, T/2, 3T/4 and T next to real optimisation at the same t: the mean
@@ -84,7 +84,7 @@ def photo(name: str) -> np.ndarray:
 
 
 def write_crops(folder: Path, names: tuple[str, ...], count: int, size: int, seed: int, augment: bool) -> Path:
-    """`count` random square crops of the photos, resized to `size` px; flips, rotations and channel orders if `augment`."""
+    """`count` random square crops of the photos, resized to `size` px; flips, rotations, channel orders if `augment`."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     photos = {name: photo(name) for name in names}
@@ -139,7 +139,7 @@ def load_images(folder: Path, config: Config) -> tuple[torch.Tensor, list[str], 
 
 @dataclass
 class Scorer:
-    """Per-condition quality of weights on the held-out images: PSNR in dB (inr) or the task loss on fixed draws (lora)."""
+    """Per-condition quality of weights on the held-out images: PSNR in dB (inr), the task loss on fixed draws (lora)."""
 
     task: Task
     inputs: object
@@ -241,7 +241,8 @@ def main() -> None:
     if args.budget <= 0:
         parser.error(f"--budget {args.budget}: must be positive")
     if max(fractions) not in baseline_fractions or not set(baseline_fractions) <= set(fractions):
-        parser.error(f"--baseline-fractions {args.baseline_fractions}: must be among --fractions {args.fractions} and include the largest")
+        parser.error(f"--baseline-fractions {args.baseline_fractions}: must be among --fractions {args.fractions} "
+                     "and include the largest")
     started = time.perf_counter()
     torch.manual_seed(0)
     config_path, n_train, n_heldout = DEFAULTS[args.task]
@@ -268,8 +269,8 @@ def main() -> None:
     at_theta0 = score(theta0)
     real = [score(path[t - 1]) for t in quarters]
     real_along_t = [float(score(theta0 if t == 0 else path[t - 1]).mean()) for t in grid]
-    print(f"held-out: {len(images)} images, real optimisation {score.name} {real_along_t[0]:.4g} -> {real_along_t[-1]:.4g} "
-          f"in T={objective.steps} steps", flush=True)
+    print(f"held-out: {len(images)} images, real optimisation {score.name} {real_along_t[0]:.4g} -> "
+          f"{real_along_t[-1]:.4g} in T={objective.steps} steps", flush=True)
     if score.psnr:
         trajectory = {"real": dict(zip(quarters, (mean_and_stderr(r)[0] for r in real)))}
         stderr = {"real": dict(zip(quarters, (mean_and_stderr(r)[1] for r in real)))}
@@ -360,7 +361,8 @@ def report(result: dict) -> None:
     value = "PSNR dB" if result["task"] == "inr" else "R_t"
     quarters = list(result["trajectory"]["real"])
     print(f"\n{result['task']}: held-out {metric} on {result['heldout_images']} images, T={T}, "
-          f"budget {result['budget']} task evaluations; theta_0 {result['theta0']:.4g}, real theta_T {result['real_T']:.4g}")
+          f"budget {result['budget']} task evaluations; theta_0 {result['theta0']:.4g}, "
+          f"real theta_T {result['real_T']:.4g}")
     print(f"{value + ' at t':28s}" + "".join(f"{t:>14d}" for t in quarters) + f"{'evaluations':>13s}{'seconds':>9s}")
     print(f"{'real optimisation':28s}" + "".join(f"{result['trajectory']['real'][t]:>14.4g}" for t in quarters))
     for run in result["runs"]:

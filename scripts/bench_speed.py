@@ -12,7 +12,7 @@ gradient checkpointing setting and the optimiser step; the two are timed alterna
 
 --quick: a reduced size for CPUs (sd15 at 128 px, sdxl at 256 px, batch 1, 3 timed steps, one CPU thread); under 2
 minutes for sd15.
-JSON keys: gm_step_s, lora_step_s, ratio, samples_per_s, peak_mem_gb, predict_ms, plus the settings they were taken with.
+JSON keys: gm_step_s, lora_step_s, ratio, samples_per_s, peak_mem_gb, predict_ms, and their settings.
 Usage: python scripts/bench_speed.py --preset sd15 --quick --device cpu --json speed.json
 """
 

@@ -1,4 +1,4 @@
-"""scripts/bench_quality.py end to end on a few crops: the report, the JSON the issue names, the plot, the budget rule."""
+"""scripts/bench_quality.py end to end on a few crops: the report, the JSON keys, the plot, the budget rule."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`hyperfields export`: diffusers and kohya files that diffusers loads with the trained alpha, provenance, bad input."""
+"""`hyperfields export`: diffusers and kohya files diffusers loads with the trained alpha, provenance, bad input."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def export(trained: TinyField, out: Path, *extra: str):
 
 
 def fused_unet_weights(lora_file: Path | None) -> dict[str, torch.Tensor]:
-    """The attention weights of a fresh tiny pipeline's UNet after diffusers loads and fuses `lora_file` (None: base)."""
+    """Attention weights of a fresh tiny pipeline's UNet after diffusers loads and fuses `lora_file` (None: base)."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models_dir() / "pipeline")
     if lora_file is not None:
         pipe.load_lora_weights(str(lora_file))

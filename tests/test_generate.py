@@ -40,7 +40,7 @@ def generate(trained: TinyField, out: Path, cache: Path, *extra: str, photo: Pat
 
 
 def reference_images(lora_file: Path | None, num_images: int = 1) -> np.ndarray:
-    """What a user's own fresh tiny pipeline draws for PROMPT with SAMPLING, with `lora_file` loaded (None: base model)."""
+    """What a user's own fresh tiny pipeline draws for PROMPT with SAMPLING, `lora_file` loaded (None: base model)."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models_dir() / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     if lora_file is not None:

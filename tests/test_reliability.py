@@ -247,7 +247,7 @@ def test_truncated_or_pickle_planted_checkpoint_is_a_clear_error_on_resume(photo
     result = runner.invoke(app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-2")))
     assert result.exit_code == 2 and "checkpoint-2" in result.output and clean_exit(result)
 
-    # accelerate's optimizer.bin is a pickle: it is loaded with weights_only=True, so code planted in it is refused, never run.
+    # accelerate's optimizer.bin is a pickle loaded with weights_only=True: code planted in it is refused, never run.
     marker = tmp_path / "code-ran"
     torch.save({"state": Payload(marker)}, run / "checkpoints" / "checkpoint-1" / "optimizer.bin")
     result = runner.invoke(app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-1")))

@@ -1,4 +1,4 @@
-"""Real-scale features on the tiny models: SDXL conditioning, gradient checkpointing, cached conditions, SDXL kohya names."""
+"""Real-scale features on tiny models: SDXL conditioning, gradient checkpointing, cached conditions, SDXL kohya names."""
 
 from __future__ import annotations
 
