@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import hyperfields
 from hyperfields.cli.main import app
-from hyperfields.config import load_config
+from hyperfields.config import load_config, presets
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
@@ -146,18 +146,20 @@ def test_version_prints_the_package_version() -> None:
     assert result.stdout == f"hyperfields {hyperfields.__version__}\n"
 
 
-def test_config_prints_yaml_that_loads_back_to_the_same_config(tmp_path: Path) -> None:
-    overrides = ["train.max_steps=7", "lora.targets=[to_q, to_v]", "data.token=zqx"]
-    args = ["config", "--config", str(ROOT / "configs" / "tiny.yaml")]
+@pytest.mark.parametrize("preset", sorted(presets()))
+def test_config_prints_yaml_that_loads_back_to_the_same_config(preset: str, tmp_path: Path) -> None:
+    # A regex target (backslash) and a token that YAML would read as a boolean: both must come back as text.
+    overrides = ["train.max_steps=7", r"lora.targets=['re:.*\.to_q', to_v]", "data.token='yes'"]
+    args = ["config", "--config", preset]
     for override in overrides:
         args += ["--set", override]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     printed = tmp_path / "printed.yaml"
     printed.write_text(result.stdout, encoding="utf-8")
-    expected = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    expected = load_config(preset, overrides)
     assert load_config(printed) == expected
-    assert expected != load_config(ROOT / "configs" / "tiny.yaml")  # the overrides are in what was printed
+    assert expected != load_config(preset)  # the overrides are in what was printed
 
 
 def test_config_reports_a_bad_key_as_a_user_error() -> None:
