@@ -14,11 +14,10 @@ from hyperfields.cli.common import (
     FormerDataOption,
     SetOption,
     TrainingImagesOption,
-    renamed,
     reports_errors,
+    training_photos,
 )
 from hyperfields.config import load_config
-from hyperfields.errors import UserError
 
 OutputOption = Annotated[Path, typer.Option(
     "--output", "-o", help="Run folder of the training run (its scan manifest is shared); the cache goes to "
@@ -42,14 +41,12 @@ def build_command(
 ) -> None:
     """Encode every training image once (VAE latents, text embeddings, encoder tokens) into the disk cache; under
     torchrun the images are split across the processes."""
-    images = renamed(ctx, "images", "data")
     overrides = list(set_ or [])
     for key, value in (("model.base_model", base_model), ("model.encoder", encoder)):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(config, [*overrides, "train.cache=disk", "train.cache_latents=false"])
-    if not images.is_dir():
-        raise UserError(f"--images '{images}' is not a folder of images")
+    images = training_photos(ctx)
     from hyperfields.cache_build import (
         build_cache,  # heavy imports only once the arguments are known to be good
     )

@@ -52,6 +52,14 @@ def renamed(ctx: typer.Context, new: str, former: str, required: bool = True) ->
     return ctx.params[new]
 
 
+def training_photos(ctx: typer.Context) -> Path:
+    """The folder of training photos given as --images (or its former name --data); a UserError if not a folder."""
+    images: Path = renamed(ctx, "images", "data")
+    if not images.is_dir():
+        raise UserError(f"--images '{images}' is not a folder of images")
+    return images
+
+
 def _shown_name(parameter: Any) -> str:
     # An option by its long name, a positional argument by its metavar (DIR).
     return parameter.opts[0] if parameter.param_type_name == "option" else (parameter.metavar or parameter.name.upper())

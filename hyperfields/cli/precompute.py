@@ -13,11 +13,10 @@ from hyperfields.cli.common import (
     FormerDataOption,
     SetOption,
     TrainingImagesOption,
-    renamed,
     reports_errors,
+    training_photos,
 )
 from hyperfields.config import load_config
-from hyperfields.errors import UserError
 
 
 @reports_errors
@@ -32,11 +31,9 @@ def precompute_command(
     data: FormerDataOption = None,
 ) -> None:
     """Run T real optimisation steps per training image and store theta_T; train on it with --set objective.kind=supervised."""
-    images = renamed(ctx, "images", "data")
     overrides = list(set_ or []) + ([f"model.base_model={base_model}"] if base_model is not None else [])
     cfg = load_config(config, overrides)
-    if not images.is_dir():
-        raise UserError(f"--images '{images}' is not a folder of images")
+    images = training_photos(ctx)
     from hyperfields.precompute import precompute  # heavy imports only once the arguments are known to be good
 
     def warn(message: str) -> None:

@@ -14,11 +14,10 @@ from hyperfields.cli.common import (
     FormerDataOption,
     SetOption,
     TrainingImagesOption,
-    renamed,
     reports_errors,
+    training_photos,
 )
 from hyperfields.config import load_config
-from hyperfields.errors import UserError
 
 
 @reports_errors
@@ -37,15 +36,13 @@ def train_command(
     data: FormerDataOption = None,
 ) -> None:
     """Train a hypernetwork field by gradient matching on an image folder."""
-    images = renamed(ctx, "images", "data")
     overrides = list(set_ or [])
     for key, value in (("model.base_model", base_model), ("model.encoder", encoder), ("train.max_steps", max_steps),
                        ("train.checkpoint_every", checkpoint_every), ("train.skip_nonfinite", skip_nonfinite)):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
-    if not images.is_dir():
-        raise UserError(f"--images '{images}' is not a folder of images")
+    images = training_photos(ctx)
     from hyperfields.trainer import train  # heavy imports only once the arguments are known to be good
 
     train(cfg, images, output, resume)
