@@ -19,7 +19,7 @@ setup: $(BIN)/hyperfields
 
 demo: setup
 	$(BIN)/python scripts/make_demo_data.py demo/photos
-	$(BIN)/hyperfields train --config configs/tiny.yaml --data demo/photos --output demo/run
+	$(BIN)/hyperfields train --config configs/tiny.yaml --images demo/photos --output demo/run
 
 # Every test; the 15 slowest are listed at the end.
 test: setup

@@ -148,7 +148,7 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "hyperfields", "cache", "build", "--config", str(ROOT / "configs" / "tiny.yaml"),
-               "--data", str(photos), "--output", str(work / "build"), "--batch-size", "64",
+               "--images", str(photos), "--output", str(work / "build"), "--batch-size", "64",
                *[a for s in (*SETTINGS, f"train.cache_dir={work / 'cache'}") for a in ("--set", s)]]
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)

@@ -287,10 +287,10 @@ def fresh(scratch: Path) -> Path:
 def test_any_set_override_is_accepted_or_one_line_naming_the_key(scratch, key, value):
     case = fresh(scratch)
     result = runner.invoke(
-        app, ["train", "--data", str(case / "no-photos"), "--output", str(case / "run"), "--set", f"{key}={value}"]
+        app, ["train", "--images", str(case / "no-photos"), "--output", str(case / "run"), "--set", f"{key}={value}"]
     )
     line = error_line(result)  # the data folder does not exist, so a good override ends there
-    assert names_key_or(line, key.strip(), "--data"), line
+    assert names_key_or(line, key.strip(), "--images"), line
     assert not (case / "run").exists()
 
 
@@ -300,10 +300,10 @@ def test_any_config_file_is_accepted_or_one_line_naming_it(scratch, document):
     config = case / "config.yaml"
     config.write_bytes(document)
     result = runner.invoke(
-        app, ["train", "--config", str(config), "--data", str(case / "no-photos"), "--output", str(case / "run")]
+        app, ["train", "--config", str(config), "--images", str(case / "no-photos"), "--output", str(case / "run")]
     )
     line = error_line(result)
-    assert names_key_or(line, str(config), "--data"), line
+    assert names_key_or(line, str(config), "--images"), line
     assert not (case / "run").exists()
 
 
@@ -384,7 +384,7 @@ def test_a_damaged_field_folder_exports_or_fails_in_one_line_naming_it(scratch, 
     damage_field(field, data)
     out = case / "out"
     result = runner.invoke(
-        app, ["export", "--field", str(field), "--image", str(trained.photo), "--out", str(out / "lora.safetensors")]
+        app, ["export", "--field", str(field), "--image", str(trained.photo), "--output", str(out / "lora.safetensors")]
     )
     event(f"exit code {result.exit_code}")
     if result.exit_code == 0:
@@ -498,7 +498,7 @@ def test_export_of_any_photo_writes_a_complete_lora_or_one_line_naming_the_photo
             str(trained.field),
             "--image",
             str(photo),
-            "--out",
+            "--output",
             str(case / "out" / "lora.safetensors"),
         ],
     )
@@ -548,13 +548,13 @@ def test_default_config_file_is_accepted(scratch):
             "train",
             "--config",
             str(ROOT / "configs" / "tiny.yaml"),
-            "--data",
+            "--images",
             str(scratch / "none"),
             "--output",
             str(scratch / "run"),
         ],
     )
-    assert "--data" in error_line(result)  # the sweeps above rely on a good config reaching the data check
+    assert "--images" in error_line(result)  # the sweeps above rely on a good config reaching the data check
 
 
 # ------------------------------------------------------------------------------------------------ holes found
@@ -566,7 +566,7 @@ def test_set_value_that_is_not_yaml_is_one_line_naming_the_key(scratch):
         app,
         [
             "train",
-            "--data",
+            "--images",
             str(scratch / "none"),
             "--output",
             str(scratch / "run"),
@@ -612,7 +612,7 @@ def test_an_error_line_stays_one_line_whatever_the_key_holds(scratch):
         app,
         [
             "train",
-            "--data",
+            "--images",
             str(scratch / "none"),
             "--output",
             str(scratch / "run"),
@@ -753,7 +753,7 @@ def test_every_written_file_gets_the_permissions_of_an_ordinary_file(trained, pr
             str(trained.field),
             "--image",
             str(trained.photo),
-            "--out",
+            "--output",
             str(tmp_path / "a.safetensors"),
         ]
         assert runner.invoke(app, exported).exit_code == 0

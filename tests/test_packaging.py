@@ -113,14 +113,14 @@ def test_config_option_takes_a_preset_name_or_a_path(config_given_to_train, tmp_
 
 def test_unknown_preset_name_is_one_line_listing_the_presets(tmp_path):
     result = CliRunner().invoke(
-        app, ["train", "--config", "sd16", "--data", str(tmp_path), "--output", str(tmp_path / "o")]
+        app, ["train", "--config", "sd16", "--images", str(tmp_path), "--output", str(tmp_path / "o")]
     )
     assert result.exit_code == 2 and clean_exit(result)
     assert result.output.strip().splitlines() == [
         "error: config 'sd16' is neither a file nor a preset; presets are inr, sd15, sdxl, tiny"
     ]
     result = CliRunner().invoke(
-        app, ["train", "--config", "nope.yaml", "--data", str(tmp_path), "--output", str(tmp_path)]
+        app, ["train", "--config", "nope.yaml", "--images", str(tmp_path), "--output", str(tmp_path)]
     )
     assert result.exit_code == 2 and "config file 'nope.yaml' does not exist" in result.output
 

@@ -36,7 +36,7 @@ def tiny_field(tmp_path_factory) -> TinyField:
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray((rng.random((48, 56, 3)) * 255).astype(np.uint8)).save(photos / f"p{i}.png")
-    result = CliRunner().invoke(app, ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(photos),
+    result = CliRunner().invoke(app, ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--images", str(photos),
                                       "--output", str(root / "run"), *OVERRIDES])
     assert result.exit_code == 0, result.output
     return trained

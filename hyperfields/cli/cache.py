@@ -7,12 +7,18 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, ConfigOption, EncoderOption, SetOption, reports_errors
+from hyperfields.cli.common import (
+    BaseModelOption,
+    ConfigOption,
+    EncoderOption,
+    FormerDataOption,
+    SetOption,
+    TrainingImagesOption,
+    reports_errors,
+    training_photos,
+)
 from hyperfields.config import load_config
-from hyperfields.errors import UserError
 
-DataOption = Annotated[Path, typer.Option(
-    "--data", "-d", help="Folder of training images, as given to 'hyperfields train'.")]
 OutputOption = Annotated[Path, typer.Option(
     "--output", "-o", help="Run folder of the training run (its scan manifest is shared); the cache goes to "
                            "train.cache_dir, by default OUTPUT/cache.")]
@@ -23,13 +29,15 @@ cache_app = typer.Typer(help="The on-disk cache of training conditions (train.ca
 @cache_app.command("build")
 @reports_errors
 def build_command(
-    data: DataOption,
+    ctx: typer.Context,
     output: OutputOption,
+    images: TrainingImagesOption = None,
     config: ConfigOption = None,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images encoded together.")] = 16,
     set_: SetOption = None,
+    data: FormerDataOption = None,
 ) -> None:
     """Encode every training image once (VAE latents, text embeddings, encoder tokens) into the disk cache; under
     torchrun the images are split across the processes."""
@@ -38,8 +46,7 @@ def build_command(
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(config, [*overrides, "train.cache=disk", "train.cache_latents=false"])
-    if not data.is_dir():
-        raise UserError(f"--data '{data}' is not a folder of images")
+    images = training_photos(ctx)
     from hyperfields.training.cache_build import (
         build_cache,  # heavy imports only once the arguments are known to be good
     )
@@ -47,7 +54,7 @@ def build_command(
     def progress(done: int, total: int) -> None:
         typer.echo(f"cached {done} of {total} images of this process", err=True)
 
-    built = build_cache(cfg, data, output, batch_size, progress)
+    built = build_cache(cfg, images, output, batch_size, progress)
     if built.main_process:
             typer.echo(f"cache '{built.folder}' holds the conditions of all {built.images} training images "
                        f"(built by {built.processes} process(es)); train with --set train.cache=disk")

@@ -1,4 +1,5 @@
-"""What every command shares: option aliases defined once, and user errors as one line with exit code 2."""
+"""What every command shares: option aliases defined once, the former option names kept for one release, and user
+errors as one line with exit code 2."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated, Any, Callable, TypeVar
 
 import typer
 
+import hyperfields
 from hyperfields.config import presets
 from hyperfields.errors import TrainingError, UserError, printable
 from hyperfields.lora import LoraFormat
@@ -24,6 +26,60 @@ FieldOption = Annotated[str, typer.Option("--field", "-f", help="Field folder (t
 PhotoOption = Annotated[Path, typer.Option("--image", "-i", help="The subject's photo (jpg, png, webp, bmp).")]
 StepOption = Annotated[float | None, typer.Option("--step", help="Trajectory step t in [0, T] to predict; default T, the end of the trajectory.")]
 LoraFormatOption = Annotated[LoraFormat, typer.Option("--format", help="LoRA file format: diffusers (pipe.load_lora_weights) or kohya (A1111, ComfyUI).")]
+TrainingImagesOption = Annotated[Path | None, typer.Option("--images", help=(
+    "Folder of training photos (searched recursively; captions from <name>.txt or metadata.jsonl). Required."))]
+
+# Former names, accepted for one release: hidden from --help, resolved by `renamed`, which prints the note.
+FormerOutOption = Annotated[Path | None, typer.Option("--out", hidden=True)]
+FormerDataOption = Annotated[Path | None, typer.Option("--data", "-d", hidden=True)]
+
+
+def renamed(ctx: typer.Context, new: str, former: str, required: bool = True) -> Any:
+    """The value of parameter `new`, or of its former name `former` (with a one-line note on stderr) if that was given.
+
+    A UserError when both are given, or when neither is and the parameter is `required`.
+    """
+    by_name = {parameter.name: parameter for parameter in ctx.command.params}
+    new_name, former_name = (_shown_name(by_name[name]) for name in (new, former))
+    new_given, former_given = (_given(ctx, name) for name in (new, former))
+    if new_given and former_given:
+        raise UserError(f"give {new_name}, not both {new_name} and its former name {former_name}")
+    if former_given:
+        typer.echo(f"note: {former_name} is deprecated; use {new_name}", err=True)
+        return ctx.params[former]
+    if required and ctx.params[new] is None:
+        raise UserError(f"missing option {new_name}")
+    return ctx.params[new]
+
+
+def training_photos(ctx: typer.Context) -> Path:
+    """The folder of training photos given as --images (or its former name --data); a UserError if not a folder."""
+    images: Path = renamed(ctx, "images", "data")
+    if not images.is_dir():
+        raise UserError(f"--images '{images}' is not a folder of images")
+    return images
+
+
+def _shown_name(parameter: Any) -> str:
+    # An option by its long name, a positional argument by its metavar (DIR).
+    return parameter.opts[0] if parameter.param_type_name == "option" else (parameter.metavar or parameter.name.upper())
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+    return source is not None and source.name != "DEFAULT"
+
+
+def show_version(value: bool) -> None:
+    """Print `hyperfields X.Y.Z` and stop, when --version was given."""
+    if value:
+        typer.echo(f"hyperfields {hyperfields.__version__}")
+        raise typer.Exit()
+
+
+VersionOption = Annotated[bool, typer.Option(
+    "--version", callback=show_version, is_eager=True, help="Print the version and exit.")]
 
 
 def refuse_lora_options(ctx: typer.Context, task: str, names: list[str]) -> None:
@@ -31,9 +87,7 @@ def refuse_lora_options(ctx: typer.Context, task: str, names: list[str]) -> None
     if task == "lora":
         return
     for parameter in ctx.command.params:
-        source = ctx.get_parameter_source(parameter.name)
-        # By name: typer ships its own copy of click, whose ParameterSource is not click's.
-        if parameter.name in names and source is not None and source.name != "DEFAULT":
+        if parameter.name in names and _given(ctx, parameter.name):
             raise UserError(f"{parameter.opts[0]} applies to LoRA fields; this field was trained on task '{task}'")
 
 

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import FieldOption, LoraFormatOption, StepOption, refuse_lora_options, reports_errors
+from hyperfields.cli.common import (
+    FieldOption,
+    FormerOutOption,
+    LoraFormatOption,
+    StepOption,
+    refuse_lora_options,
+    renamed,
+    reports_errors,
+)
 from hyperfields.errors import UserError
 from hyperfields.lora import LoraPrecision
 
@@ -21,14 +29,17 @@ ImagesOption = Annotated[Path | None, typer.Option("--images", help="A folder of
 def export_command(
     ctx: typer.Context,
     field: FieldOption,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write; with --images, a folder (one file per photo).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=(
+        "The .safetensors file to write; with --images, a folder (one file per photo). Required."))] = None,
     image: Annotated[Path | None, typer.Option("--image", "-i", help="The subject's photo.")] = None,
     images: ImagesOption = None,
     format: LoraFormatOption = "diffusers",
     step: StepOption = None,
     precision: PrecisionOption = "fp16",
+    out: FormerOutOption = None,
 ) -> None:
     """Write the weights the field predicts for a photo: a LoRA in a format diffusers, A1111 or ComfyUI load."""
+    output = renamed(ctx, "output", "out")
     if (image is None) == (images is None):
         raise UserError("give exactly one of --image PHOTO or --images DIR")
     from hyperfields.export import export_folder, export_photo
@@ -39,10 +50,10 @@ def export_command(
     refuse_lora_options(ctx, record.task, ["format", "precision"])
     t = resolve_step(record.steps, step)
     if image is not None:
-        written = [export_photo(loaded, record, image, out, t, format, precision)]
+        written = [export_photo(loaded, record, image, output, t, format, precision)]
     else:
-        written = export_folder(loaded, record, images, out, t, format, precision,
+        written = export_folder(loaded, record, images, output, t, format, precision,
                                 warn=lambda message: typer.echo(message, err=True))
     kind = f"{format} {precision} LoRA" if record.task == "lora" else f"{record.task} weights"
-    what = f"{kind} '{written[0]}'" if image is not None else f"{len(written)} {kind} files to '{out}'"
+    what = f"{kind} '{written[0]}'" if image is not None else f"{len(written)} {kind} files to '{output}'"
     typer.echo(f"wrote {what} (t = {t:g} of T = {record.steps})")

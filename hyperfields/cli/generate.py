@@ -10,14 +10,17 @@ import typer
 from hyperfields.cli.common import (
     BaseModelOption,
     FieldOption,
+    FormerOutOption,
     PhotoOption,
     StepOption,
     refuse_lora_options,
+    renamed,
     reports_errors,
 )
 from hyperfields.errors import UserError
 
-OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs, contact sheet and generation.json.")]
+OutputOption = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Folder for the PNGs, contact sheet and generation.json. Required.")]
 PromptOption = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Text prompt; repeatable.")]
 HeightOption = Annotated[int | None, typer.Option("--height", min=1, help="Image height; default the model's own.")]
 WidthOption = Annotated[int | None, typer.Option("--width", min=1, help="Image width; default the model's own.")]
@@ -31,7 +34,7 @@ def generate_command(
     ctx: typer.Context,
     field: FieldOption,
     image: PhotoOption,
-    out: OutOption,
+    output: OutputOption = None,
     prompt: PromptOption = None,
     step: StepOption = None,
     strength: Annotated[float | None, typer.Option("--strength", help="Walk the trajectory instead of --step: 0 = base model, 1 = t = T.")] = None,
@@ -43,8 +46,10 @@ def generate_command(
     width: WidthOption = None,
     base_model: BaseModelOption = None,
     cache_dir: CacheDirOption = None,
+    out: FormerOutOption = None,
 ) -> None:
     """Personalise the base model by the field's LoRA for a photo at step t and sample; inr fields render an image."""
+    output = renamed(ctx, "output", "out")
     if step is not None and strength is not None:
         raise UserError("give --step or --strength, not both")
     from hyperfields.field.io import load_field
@@ -58,7 +63,7 @@ def generate_command(
     t = resolve_step(record.steps, step, strength)
     if record.task == "lora" and not prompt:
         raise UserError("give at least one --prompt for a LoRA field")
-    folder = writable_folder(out)  # after the quick checks, so bad input leaves no folder; before the slow sampling
+    folder = writable_folder(output)  # after the quick checks, so bad input leaves no folder; before the slow sampling
     if record.task != "lora":
         size = (height or record.resolution, width or record.resolution)
         rendered, details = render_inr(loaded, record, photo, t, *size)

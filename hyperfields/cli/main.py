@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from hyperfields.cli.cache import cache_app
+from hyperfields.cli.common import VersionOption
+from hyperfields.cli.config import config_command
 from hyperfields.cli.export import export_command
 from hyperfields.cli.generate import generate_command
 from hyperfields.cli.inspect import inspect_command
@@ -20,6 +22,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def root(version: VersionOption = False) -> None:
+    """Options that come before the command: --version."""
+
+
 app.command("train")(train_command)
 app.command("tiny")(tiny_command)
 app.command("generate")(generate_command)
@@ -27,6 +36,7 @@ app.command("export")(export_command)
 app.command("refine")(refine_command)
 app.command("inspect")(inspect_command)
 app.command("precompute")(precompute_command)
+app.command("config")(config_command)
 app.add_typer(cache_app, name="cache")
 
 

@@ -7,25 +7,33 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, ConfigOption, SetOption, reports_errors
+from hyperfields.cli.common import (
+    BaseModelOption,
+    ConfigOption,
+    FormerDataOption,
+    SetOption,
+    TrainingImagesOption,
+    reports_errors,
+    training_photos,
+)
 from hyperfields.config import load_config
-from hyperfields.errors import UserError
 
 
 @reports_errors
 def precompute_command(
-    data: Annotated[Path, typer.Option("--data", "-d", help="Folder of training images, as given to 'hyperfields train'.")],
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write: theta_T.safetensors and index.json.")],
+    images: TrainingImagesOption = None,
     config: ConfigOption = None,
     base_model: BaseModelOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images optimised together in one batched run.")] = 16,
     set_: SetOption = None,
+    data: FormerDataOption = None,
 ) -> None:
     """Run T real optimisation steps per training image and store theta_T; train on it with --set objective.kind=supervised."""
     overrides = list(set_ or []) + ([f"model.base_model={base_model}"] if base_model is not None else [])
     cfg = load_config(config, overrides)
-    if not data.is_dir():
-        raise UserError(f"--data '{data}' is not a folder of images")
+    images = training_photos(ctx)
     from hyperfields.precompute import precompute  # heavy imports only once the arguments are known to be good
 
     def warn(message: str) -> None:
@@ -34,6 +42,6 @@ def precompute_command(
     def progress(done: int, total: int) -> None:
         typer.echo(f"optimised {done} of {total} training images ({cfg.objective.steps} steps each)", err=True)
 
-    folder = precompute(cfg, data, output, batch_size, on_batch=progress, warn=warn)
+    folder = precompute(cfg, images, output, batch_size, on_batch=progress, warn=warn)
     typer.echo(f"wrote theta_T (T={cfg.objective.steps}) of the training images to '{folder}'; "
                f"train on it with --set objective.kind=supervised --set objective.precomputed={folder}")

@@ -7,16 +7,21 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import reports_errors
+from hyperfields.cli.common import renamed, reports_errors
 from hyperfields.errors import UserError
 
 
 @reports_errors
 def tiny_command(
-    directory: Annotated[Path, typer.Argument(help="Folder to write: DIR/pipeline (diffusers SD), DIR/pipeline-xl (SDXL) and DIR/encoder (transformers ViT).")],
+    ctx: typer.Context,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=(
+        "Folder to write: OUTPUT/pipeline (diffusers SD), OUTPUT/pipeline-xl (SDXL) and OUTPUT/encoder "
+        "(transformers ViT). Required."))] = None,
+    directory: Annotated[Path | None, typer.Argument(metavar="DIR", hidden=True)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random weights; the same seed writes identical files.")] = 0,
 ) -> None:
     """Write tiny random Stable Diffusion, SDXL and ViT models, for tests and trying the tool without downloads."""
+    directory = renamed(ctx, "output", "directory")
     from hyperfields.models.tiny import write_tiny_models
 
     try:

@@ -7,15 +7,24 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, ConfigOption, EncoderOption, SetOption, reports_errors
+from hyperfields.cli.common import (
+    BaseModelOption,
+    ConfigOption,
+    EncoderOption,
+    FormerDataOption,
+    SetOption,
+    TrainingImagesOption,
+    reports_errors,
+    training_photos,
+)
 from hyperfields.config import load_config
-from hyperfields.errors import UserError
 
 
 @reports_errors
 def train_command(
-    data: Annotated[Path, typer.Option("--data", "-d", help="Folder of training images (searched recursively; captions from <name>.txt or metadata.jsonl).")],
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: checkpoints/, logs/ (tensorboard) and the final field/.")],
+    images: TrainingImagesOption = None,
     config: ConfigOption = None,
     base_model: BaseModelOption = None,
     encoder: EncoderOption = None,
@@ -24,6 +33,7 @@ def train_command(
     resume: Annotated[str | None, typer.Option("--resume", help="'latest' (newest complete checkpoint in --output) or a checkpoint folder.")] = None,
     skip_nonfinite: Annotated[int | None, typer.Option("--skip-nonfinite", help="Skip up to N steps with NaN/Inf values instead of stopping.")] = None,
     set_: SetOption = None,
+    data: FormerDataOption = None,
 ) -> None:
     """Train a hypernetwork field by gradient matching on an image folder."""
     overrides = list(set_ or [])
@@ -32,8 +42,7 @@ def train_command(
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
-    if not data.is_dir():
-        raise UserError(f"--data '{data}' is not a folder of images")
+    images = training_photos(ctx)
     from hyperfields.training import train  # heavy imports only once the arguments are known to be good
 
-    train(cfg, data, output, resume)
+    train(cfg, images, output, resume)
