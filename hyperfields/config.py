@@ -138,11 +138,27 @@ class Config:
 
 
 _POSITIVE = {
-    "model.resolution", "lora.rank", "lora.alpha", "inr.hidden", "inr.layers", "inr.frequencies",
-    "inr.frequency_scale", "field.width", "field.depth", "field.heads",
-    "field.mlp_ratio", "objective.steps", "objective.step_size", "objective.rollout",
-    "objective.noise_draws", "train.max_steps", "train.batch_size", "train.learning_rate",
-    "train.gradient_accumulation", "train.eval_draws", "train.log_every",
+    "model.resolution",
+    "lora.rank",
+    "lora.alpha",
+    "inr.hidden",
+    "inr.layers",
+    "inr.frequencies",
+    "inr.frequency_scale",
+    "field.width",
+    "field.depth",
+    "field.heads",
+    "field.mlp_ratio",
+    "objective.steps",
+    "objective.step_size",
+    "objective.rollout",
+    "objective.noise_draws",
+    "train.max_steps",
+    "train.batch_size",
+    "train.learning_rate",
+    "train.gradient_accumulation",
+    "train.eval_draws",
+    "train.log_every",
 }
 
 
@@ -160,7 +176,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value not in choices:
             raise UserError(f"config key '{key}': {_shown(value)} is not one of {', '.join(map(str, choices))}")
         return value
-    if origin in (list, typing.List):
+    if origin in (list, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -217,26 +233,44 @@ def _validate(config: Config) -> None:
         if value <= 0:
             raise UserError(f"config key '{key}': must be positive, got {value}")
     if config.field.width % config.field.heads:
-        raise UserError(f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}")
+        raise UserError(
+            f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}"
+        )
     if config.objective.rollout >= config.objective.steps:
         rollout, steps = config.objective.rollout, config.objective.steps
         raise UserError(f"config key 'objective.rollout': {rollout} must be below objective.steps={steps}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
-    for key in ("train.warmup_steps", "train.checkpoint_every", "train.checkpoints_limit", "train.eval_every",
-                "train.heldout", "train.skip_nonfinite", "train.weight_decay", "train.max_grad_norm",
-                "objective.max_step_norm", "objective.end_weight", "objective.hinge_weight", "inr.pixels", "field.spatial_rank"):
+    for key in (
+        "train.warmup_steps",
+        "train.checkpoint_every",
+        "train.checkpoints_limit",
+        "train.eval_every",
+        "train.heldout",
+        "train.skip_nonfinite",
+        "train.weight_decay",
+        "train.max_grad_norm",
+        "objective.max_step_norm",
+        "objective.end_weight",
+        "objective.hinge_weight",
+        "inr.pixels",
+        "field.spatial_rank",
+    ):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise UserError(f"config key '{key}': must not be negative")
     if config.train.cache_latents:
         if config.train.cache == "disk":
-            raise UserError("config key 'train.cache_latents': it is the old name of train.cache=memory and "
-                            "contradicts train.cache=disk; remove train.cache_latents")
+            raise UserError(
+                "config key 'train.cache_latents': it is the old name of train.cache=memory and "
+                "contradicts train.cache=disk; remove train.cache_latents"
+            )
         config.train.cache = "memory"  # the alias resolved once, so only train.cache is ever read
     if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
         template = config.data.caption_template
-        raise UserError(f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {template!r}")
+        raise UserError(
+            f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {template!r}"
+        )
 
 
 def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:
@@ -270,8 +304,9 @@ def _preset_folder() -> Traversable:
 
 def presets() -> dict[str, Traversable]:
     """The shipped preset YAML files by name ('tiny', 'inr', 'sd15', 'sdxl')."""
-    found = {entry.name.removesuffix(".yaml"): entry for entry in _preset_folder().iterdir()
-             if entry.name.endswith(".yaml")}
+    found = {
+        entry.name.removesuffix(".yaml"): entry for entry in _preset_folder().iterdir() if entry.name.endswith(".yaml")
+    }
     return dict(sorted(found.items()))
 
 
@@ -317,8 +352,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except FileNotFoundError:
             raise UserError(f"config file '{source}' does not exist") from None
         except UnicodeDecodeError as error:
-            raise UserError(f"config file '{source}' is not valid YAML: not UTF-8 text "
-                            f"({error.reason} at byte {error.start})") from None
+            raise UserError(
+                f"config file '{source}' is not valid YAML: not UTF-8 text ({error.reason} at byte {error.start})"
+            ) from None
         except OSError as error:  # a folder, no permission
             raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
         values = parse_yaml(text, f"config file '{source}'")

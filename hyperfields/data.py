@@ -138,7 +138,7 @@ def _load_metadata(jsonl: Path, warn: Callable[[str], None]) -> dict[str, str]:
             warn(f"warning: {jsonl}:{lineno}: bad JSON ({reason}); line skipped")
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
-            warn(f"warning: {jsonl}:{lineno}: no \"file_name\" string; line skipped")
+            warn(f'warning: {jsonl}:{lineno}: no "file_name" string; line skipped')
             continue
         caption = entry.get("text")
         name = PurePosixPath(entry["file_name"].replace("\\", "/")).as_posix()
@@ -232,16 +232,17 @@ def scan_image_folder(
         else:
             caption = metadata_caption(path)
             if caption == "":
-                warn(f"warning: {path} has an empty \"text\" in {METADATA_NAME}; "
-                     f"using {default_caption!r}")
+                warn(f'warning: {path} has an empty "text" in {METADATA_NAME}; using {default_caption!r}')
         report.records.append(ImageRecord(path=path, caption=caption or default_caption))
 
         if resolution is not None and min(size) < resolution:
             small.append(path)
 
     if small:
-        warn(f"warning: {len(small)} image(s) smaller than {resolution} px on the short side "
-             f"will be upscaled (e.g. {small[0]})")
+        warn(
+            f"warning: {len(small)} image(s) smaller than {resolution} px on the short side "
+            f"will be upscaled (e.g. {small[0]})"
+        )
     if not report.records:
         plural = "" if n_files == 1 else "s"
         raise UserError(
@@ -323,8 +324,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             except Exception as exc:
                 # It decoded during the scan, so the file changed underneath us.
                 raise UserError(
-                    f"cannot read image '{record.path}' ({_one_line(exc)}); "
-                    "it was readable when the folder was scanned"
+                    f"cannot read image '{record.path}' ({_one_line(exc)}); it was readable when the folder was scanned"
                 ) from exc
             if self.keep_decoded:
                 self._cache[index] = pixels

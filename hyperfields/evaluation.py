@@ -3,15 +3,16 @@ real optimisation achieves, and PSNR for image-fitting tasks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.objectives import real_trajectory
-from hyperfields.tasks.base import ImageFittingTask, Task, Weights
 from hyperfields.streams import stream
+from hyperfields.tasks.base import ImageFittingTask, Task, Weights
 
 
 def psnr_db(mse: torch.Tensor) -> torch.Tensor:
@@ -59,15 +60,26 @@ class HeldoutReport:
     def summary(self) -> str:
         """One line: theta_0, real theta_T and the field at T, in PSNR where the task has it, and R."""
         if self.psnr_field is not None:
-            return (f"held-out PSNR theta_0 {self.psnr_theta0:.2f} dB, real theta_T {self.psnr_real:.2f} dB, "
-                    f"field Psi(c,T) {self.psnr_field:.2f} dB (recovered fraction R = {self.recovered:.3f})")
-        return (f"held-out loss theta_0 {self.loss_theta0:.4f}, real theta_T {self.loss_real:.4f}, "
-                f"field Psi(c,T) {self.loss_field:.4f} -> recovered fraction R = {self.recovered:.3f}")
+            return (
+                f"held-out PSNR theta_0 {self.psnr_theta0:.2f} dB, real theta_T {self.psnr_real:.2f} dB, "
+                f"field Psi(c,T) {self.psnr_field:.2f} dB (recovered fraction R = {self.recovered:.3f})"
+            )
+        return (
+            f"held-out loss theta_0 {self.loss_theta0:.4f}, real theta_T {self.loss_real:.4f}, "
+            f"field Psi(c,T) {self.loss_field:.4f} -> recovered fraction R = {self.recovered:.3f}"
+        )
 
     def metrics(self) -> dict[str, float]:
         """The report as tracker scalars under heldout/."""
-        values = {"R": self.recovered, "loss_field": self.loss_field, "loss_real": self.loss_real, "loss_theta0": self.loss_theta0,
-                  "psnr_field": self.psnr_field, "psnr_real": self.psnr_real, "psnr_theta0": self.psnr_theta0}
+        values = {
+            "R": self.recovered,
+            "loss_field": self.loss_field,
+            "loss_real": self.loss_real,
+            "loss_theta0": self.loss_theta0,
+            "psnr_field": self.psnr_field,
+            "psnr_real": self.psnr_real,
+            "psnr_theta0": self.psnr_theta0,
+        }
         return {f"heldout/{key}": value for key, value in values.items() if value is not None}
 
 
@@ -76,7 +88,12 @@ def _mean_psnr(task: Task, losses: torch.Tensor) -> float | None:
 
 
 def heldout_reference(
-    task: Task, images: torch.Tensor, captions: list[str], objective: ObjectiveConfig, draws: int, seed: int,
+    task: Task,
+    images: torch.Tensor,
+    captions: list[str],
+    objective: ObjectiveConfig,
+    draws: int,
+    seed: int,
     on_step: Callable[[int], None] | None = None,
 ) -> HeldoutReference:
     """Run the real per-subject optimisation for T steps on each held-out condition and score theta_0 and theta_T."""
@@ -87,14 +104,29 @@ def heldout_reference(
     trajectory, _ = real_trajectory(task, theta0, inputs, objective, generator, objective.steps, on_step)
     at_theta0 = heldout_losses(task, theta0, inputs, draws, seed)
     at_real = heldout_losses(task, trajectory[-1], inputs, draws, seed)
-    return HeldoutReference(inputs=inputs, loss_theta0=float(at_theta0.mean()), loss_real=float(at_real.mean()), draws=draws,
-                            seed=seed, psnr_theta0=_mean_psnr(task, at_theta0), psnr_real=_mean_psnr(task, at_real))
+    return HeldoutReference(
+        inputs=inputs,
+        loss_theta0=float(at_theta0.mean()),
+        loss_real=float(at_real.mean()),
+        draws=draws,
+        seed=seed,
+        psnr_theta0=_mean_psnr(task, at_theta0),
+        psnr_real=_mean_psnr(task, at_real),
+    )
 
 
-def evaluate_field(task: Task, field: Callable[..., Weights], images: torch.Tensor, reference: HeldoutReference, steps: int) -> HeldoutReport:
+def evaluate_field(
+    task: Task, field: Callable[..., Weights], images: torch.Tensor, reference: HeldoutReference, steps: int
+) -> HeldoutReport:
     """Score the field's prediction Psi(c, T) on the held-out conditions against theta_0 and real optimisation."""
     with torch.no_grad():
         predicted = field(t=torch.full((images.shape[0],), float(steps), device=images.device), images=images)
     at_field = heldout_losses(task, predicted, reference.inputs, reference.draws, reference.seed)
-    return HeldoutReport(reference.loss_theta0, reference.loss_real, float(at_field.mean()),
-                         reference.psnr_theta0, reference.psnr_real, _mean_psnr(task, at_field))
+    return HeldoutReport(
+        reference.loss_theta0,
+        reference.loss_real,
+        float(at_field.mean()),
+        reference.psnr_theta0,
+        reference.psnr_real,
+        _mean_psnr(task, at_field),
+    )

@@ -37,9 +37,10 @@ def base_model_family(settings: dict[str, Any]) -> BaseModelFamily:
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
         scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
     except Exception as error:  # missing folder, offline hub id, broken JSON: all mean the configs cannot be read
-        raise UserError(f"the field's record does not say which Stable Diffusion it is for, and base model "
-                        f"'{base_model}' cannot be read to tell ({error_line(error)}); make it reachable again"
-                        ) from None
+        raise UserError(
+            f"the field's record does not say which Stable Diffusion it is for, and base model "
+            f"'{base_model}' cannot be read to tell ({error_line(error)}); make it reachable again"
+        ) from None
     return BaseModelFamily.from_configs(unet_config, scheduler_config)
 
 
@@ -48,12 +49,24 @@ def lora_origin(record: FieldRecord) -> LoraOrigin | None:
     if record.task != "lora":
         return None
     settings = record.task_settings
-    return LoraOrigin(base_model=str(settings["base_model"]), family=base_model_family(settings),
-                      resolution=record.resolution, trigger_phrase=record.token)
+    return LoraOrigin(
+        base_model=str(settings["base_model"]),
+        family=base_model_family(settings),
+        resolution=record.resolution,
+        trigger_phrase=record.token,
+    )
 
 
-def write_prediction(field: HyperField, record: FieldRecord, photo: Photo, t: float, path: Path, format: LoraFormat,
-                     precision: LoraPrecision, origin: LoraOrigin | None) -> Path:
+def write_prediction(
+    field: HyperField,
+    record: FieldRecord,
+    photo: Photo,
+    t: float,
+    path: Path,
+    format: LoraFormat,
+    precision: LoraPrecision,
+    origin: LoraOrigin | None,
+) -> Path:
     """`path`, holding Psi(photo, t): a LoRA file in `format` and `precision` for a LoRA field (labelled with its
     `origin`), else the tensors by name in fp32; written atomically."""
     if record.task == "lora":
@@ -63,22 +76,38 @@ def write_prediction(field: HyperField, record: FieldRecord, photo: Photo, t: fl
     return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
 
 
-def export_photo(field: HyperField, record: FieldRecord, photo_path: Path, out: Path, t: float,
-                 format: LoraFormat = "diffusers", precision: LoraPrecision = "fp16") -> Path:
+def export_photo(
+    field: HyperField,
+    record: FieldRecord,
+    photo_path: Path,
+    out: Path,
+    t: float,
+    format: LoraFormat = "diffusers",
+    precision: LoraPrecision = "fp16",
+) -> Path:
     """The file `out` holding Psi(photo, t) (in `format` and `precision` for a LoRA field), written atomically."""
     out = Path(out)
     if out.is_dir():
-        raise UserError(f"output '{out}' is a folder; give the path of the {SUFFIX} file to write, "
-                        "or export a folder of photos into it")
+        raise UserError(
+            f"output '{out}' is a folder; give the path of the {SUFFIX} file to write, "
+            "or export a folder of photos into it"
+        )
     origin = lora_origin(record)
     photo = read_photo(photo_path, record.resolution)
     writable_folder(out.parent)
     return write_prediction(field, record, photo, t, out, format, precision, origin)
 
 
-def export_folder(field: HyperField, record: FieldRecord, folder: Path, out: Path, t: float,
-                  format: LoraFormat = "diffusers", precision: LoraPrecision = "fp16",
-                  warn: Callable[[str], None] | None = None) -> list[Path]:
+def export_folder(
+    field: HyperField,
+    record: FieldRecord,
+    folder: Path,
+    out: Path,
+    t: float,
+    format: LoraFormat = "diffusers",
+    precision: LoraPrecision = "fp16",
+    warn: Callable[[str], None] | None = None,
+) -> list[Path]:
     """The files written into folder `out`, one per usable photo under `folder`, named by the photo's path there."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -90,9 +119,12 @@ def export_folder(field: HyperField, record: FieldRecord, folder: Path, out: Pat
         name = out / image.path.relative_to(folder).with_suffix(SUFFIX)
         if name in targets.values():
             other = next(photo for photo, target in targets.items() if target == name)
-            raise UserError(f"photos '{other}' and '{image.path}' would both be exported to '{name}'; "
-                            "rename one of them")
+            raise UserError(
+                f"photos '{other}' and '{image.path}' would both be exported to '{name}'; rename one of them"
+            )
         targets[image.path] = name
     writable_folder(out)
-    return [write_prediction(field, record, read_photo(photo, record.resolution), t, name, format, precision, origin)
-            for photo, name in targets.items()]
+    return [
+        write_prediction(field, record, read_photo(photo, record.resolution), t, name, format, precision, origin)
+        for photo, name in targets.items()
+    ]

@@ -81,9 +81,15 @@ def sample(pipeline: Any, prompts: list[str], sampling: Sampling) -> list[list[I
     for prompt in prompts:
         # A CPU generator draws the same latents on every device, so a seed means the same image everywhere.
         generator = torch.Generator().manual_seed(sampling.seed)
-        result = pipeline(prompt, num_images_per_prompt=sampling.num_images, num_inference_steps=sampling.num_inference_steps,
-                          guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width,
-                          generator=generator)
+        result = pipeline(
+            prompt,
+            num_images_per_prompt=sampling.num_images,
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
+            height=sampling.height,
+            width=sampling.width,
+            generator=generator,
+        )
         rows.append(list(result.images))
     return rows
 
@@ -92,7 +98,9 @@ def contact_sheet(rows: list[list[Image.Image]], gap: int = 2) -> Image.Image:
     """One image holding all `rows` (one per prompt) side by side, on a white background."""
     width, height = rows[0][0].size
     columns = max(len(row) for row in rows)
-    sheet = Image.new("RGB", (columns * width + (columns - 1) * gap, len(rows) * height + (len(rows) - 1) * gap), "white")
+    sheet = Image.new(
+        "RGB", (columns * width + (columns - 1) * gap, len(rows) * height + (len(rows) - 1) * gap), "white"
+    )
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             sheet.paste(image, (c * (width + gap), r * (height + gap)))
@@ -108,7 +116,9 @@ def write_images(rows: list[list[Image.Image]], folder: Path, details: dict[str,
     written = []
     for p, row in enumerate(rows):
         for i, image in enumerate(row):
-            written.append(atomic_write(Path(folder) / image_name(p, i), lambda tmp, image=image: image.save(tmp, format="PNG")))
+            written.append(
+                atomic_write(Path(folder) / image_name(p, i), lambda tmp, image=image: image.save(tmp, format="PNG"))
+            )
     sheet = contact_sheet(rows)
     written.append(atomic_write(Path(folder) / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG")))
     write_details(folder, details)
@@ -128,8 +138,16 @@ def write_details(folder: Path, details: dict[str, Any]) -> Path:
     return atomic_write(Path(folder) / "generation.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def generate(field: HyperField, record: FieldRecord, photo: Photo, prompts: list[str], t: float, base_model: str,
-             sampling: Sampling, cache_dir: Path) -> tuple[list[list[Image.Image]], dict[str, Any]]:
+def generate(
+    field: HyperField,
+    record: FieldRecord,
+    photo: Photo,
+    prompts: list[str],
+    t: float,
+    base_model: str,
+    sampling: Sampling,
+    cache_dir: Path,
+) -> tuple[list[list[Image.Image]], dict[str, Any]]:
     """Images of the base model personalised by Psi(photo, t), a row per prompt, and a record of how they were made."""
     require_task(record, "lora", "generating with a base model")
     device = default_device()
@@ -138,14 +156,28 @@ def generate(field: HyperField, record: FieldRecord, photo: Photo, prompts: list
     lora_file = cached_lora_file(field, record, photo, t, cache_dir)
     load_lora(pipeline, lora_file)
     rows = sample(pipeline.to(device), prompts, sampling)
-    details = {"prompts": prompts, "step": t, "steps": field.steps, "base_model": base_model, "photo": str(photo.path),
-               "photo_sha256": photo.sha256, "lora_file": str(lora_file), **asdict(sampling),
-               "hyperfields_version": hyperfields.__version__}
+    details = {
+        "prompts": prompts,
+        "step": t,
+        "steps": field.steps,
+        "base_model": base_model,
+        "photo": str(photo.path),
+        "photo_sha256": photo.sha256,
+        "lora_file": str(lora_file),
+        **asdict(sampling),
+        "hyperfields_version": hyperfields.__version__,
+    }
     return rows, details
 
 
-def render_inr(field: HyperField, record: FieldRecord, photo: Photo, t: float, height: int, width: int,
-               ) -> tuple[Image.Image, dict[str, Any]]:
+def render_inr(
+    field: HyperField,
+    record: FieldRecord,
+    photo: Photo,
+    t: float,
+    height: int,
+    width: int,
+) -> tuple[Image.Image, dict[str, Any]]:
     """The image the coordinate MLP Psi(photo, t) renders at height x width pixels, and a record of how it was made."""
     require_task(record, "inr", "rendering a predicted image")
     if height < 1 or width < 1:
@@ -156,6 +188,13 @@ def render_inr(field: HyperField, record: FieldRecord, photo: Photo, t: float, h
     with torch.no_grad():
         pixels = task.image(weights, height, width)[0]  # (3, H, W) in [-1, 1]
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    details = {"step": t, "steps": field.steps, "photo": str(photo.path), "photo_sha256": photo.sha256,
-               "height": height, "width": width, "hyperfields_version": hyperfields.__version__}
+    details = {
+        "step": t,
+        "steps": field.steps,
+        "photo": str(photo.path),
+        "photo_sha256": photo.sha256,
+        "height": height,
+        "width": width,
+        "hyperfields_version": hyperfields.__version__,
+    }
     return Image.fromarray(array), details

@@ -56,15 +56,22 @@ def inspect_tensors(field: HyperField, pixels: torch.Tensor) -> list[TensorRepor
     """One report per generated tensor for the condition image `pixels` (3, H, W) in [-1, 1]."""
     outputs, steps = _outputs(field, pixels), inspection_steps(field.steps)
     theta0, hyperfan = {name: w.float().cpu() for name, w in field.theta0().items()}, field.init_std()
-    return [TensorReport(
-        name=name, std=float((outputs[-1][name] - theta0[name]).std()), hyperfan=hyperfan[name],
-        relative_update={t: float((out[name] - theta0[name]).norm() / theta0[name].norm())
-                         for t, out in zip(steps, outputs)},
-    ) for name in field.names]
+    return [
+        TensorReport(
+            name=name,
+            std=float((outputs[-1][name] - theta0[name]).std()),
+            hyperfan=hyperfan[name],
+            relative_update={
+                t: float((out[name] - theta0[name]).norm() / theta0[name].norm()) for t, out in zip(steps, outputs)
+            },
+        )
+        for name in field.names
+    ]
 
 
-def inspect_lora_field(field: HyperField, record: FieldRecord, unet: torch.nn.Module,
-                       pixels: torch.Tensor) -> list[TargetReport]:
+def inspect_lora_field(
+    field: HyperField, record: FieldRecord, unet: torch.nn.Module, pixels: torch.Tensor
+) -> list[TargetReport]:
     """One report per LoRA target for the condition image `pixels` (3, H, W) in [-1, 1], against `unet`'s weights."""
     steps = inspection_steps(field.steps)
     loras = [LoraWeights(out, alpha=float(record.task_settings["alpha"])) for out in _outputs(field, pixels)]
@@ -73,11 +80,14 @@ def inspect_lora_field(field: HyperField, record: FieldRecord, unet: torch.nn.Mo
     for target in loras[-1].targets:
         key_a, key_b = f"{target}.lora_A", f"{target}.lora_B"
         base = unet.get_submodule(target).weight.detach().float().cpu()
-        reports.append(TargetReport(
-            target=target,
-            std_a=float((loras[-1].tensors[key_a] - theta0[key_a].cpu()).std()),
-            std_b=float((loras[-1].tensors[key_b] - theta0[key_b].cpu()).std()),
-            hyperfan_a=hyperfan[key_a], hyperfan_b=hyperfan[key_b],
-            relative_update={t: float(lora.delta(target).norm() / base.norm()) for t, lora in zip(steps, loras)},
-        ))
+        reports.append(
+            TargetReport(
+                target=target,
+                std_a=float((loras[-1].tensors[key_a] - theta0[key_a].cpu()).std()),
+                std_b=float((loras[-1].tensors[key_b] - theta0[key_b].cpu()).std()),
+                hyperfan_a=hyperfan[key_a],
+                hyperfan_b=hyperfan[key_b],
+                relative_update={t: float(lora.delta(target).norm() / base.norm()) for t, lora in zip(steps, loras)},
+            )
+        )
     return reports

@@ -45,8 +45,13 @@ class ImageChecks:
         if entry is None or entry["size"] != status.st_size or entry["mtime_ns"] != status.st_mtime_ns:
             self.decoded += 1
             reason, (width, height) = decode(path)
-            entry = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "width": width, "height": height,
-                     "skipped": reason}
+            entry = {
+                "size": status.st_size,
+                "mtime_ns": status.st_mtime_ns,
+                "width": width,
+                "height": height,
+                "skipped": reason,
+            }
         self.entries[name] = entry
         return entry["skipped"], (entry["width"], entry["height"])
 
@@ -68,9 +73,13 @@ def read_manifest(path: Path, folder: Path, note: Callable[[str], None]) -> dict
             images = content["images"]
             for entry in images.values():
                 # Every field the checks read, with its type: a hand-edited entry must not be trusted.
-                if not (isinstance(entry["size"], int) and isinstance(entry["mtime_ns"], int)
-                        and isinstance(entry["width"], int) and isinstance(entry["height"], int)
-                        and isinstance(entry["skipped"], (str, type(None)))):
+                if not (
+                    isinstance(entry["size"], int)
+                    and isinstance(entry["mtime_ns"], int)
+                    and isinstance(entry["width"], int)
+                    and isinstance(entry["height"], int)
+                    and isinstance(entry["skipped"], (str, type(None)))
+                ):
                     raise TypeError("an entry has a field of the wrong type")
             return images
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -3,9 +3,9 @@ supervised regression on precomputed weights."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -67,7 +67,9 @@ def update_direction(grads: Weights, rule: str) -> Weights:
     return _unstack([_direction(g, rule) for g in _stack(grads, groups)], groups, grads)
 
 
-def task_gradients(task: Task, weights: Weights, inputs: Any, draws: int, generator: torch.Generator) -> tuple[Weights, torch.Tensor]:
+def task_gradients(
+    task: Task, weights: Weights, inputs: Any, draws: int, generator: torch.Generator
+) -> tuple[Weights, torch.Tensor]:
     """Per-sample gradients of the task loss at `weights`, and the per-sample losses (N,)."""
     leaves = {name: w.detach().requires_grad_(True) for name, w in weights.items()}
     with torch.enable_grad():
@@ -78,7 +80,12 @@ def task_gradients(task: Task, weights: Weights, inputs: Any, draws: int, genera
 
 
 def real_trajectory(
-    task: Task, start: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator, steps: int,
+    task: Task,
+    start: Weights,
+    inputs: Any,
+    objective: ObjectiveConfig,
+    generator: torch.Generator,
+    steps: int,
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[list[Weights], torch.Tensor]:
     """The weights after each of `steps` real updates from `start` (theta_{k+1} = theta_k - eta * u(grad)),
@@ -93,8 +100,10 @@ def real_trajectory(
             raise NonFiniteError("non-finite task loss or gradient in a real update")
         start_losses = losses if start_losses is None else start_losses
         max_norm = objective.max_step_norm / objective.step_size
-        updated = [w - objective.step_size * _cap(_direction(g, objective.update), max_norm)
-                   for w, g in zip(_stack(theta, groups), stacked)]
+        updated = [
+            w - objective.step_size * _cap(_direction(g, objective.update), max_norm)
+            for w, g in zip(_stack(theta, groups), stacked)
+        ]
         theta = _unstack(updated, groups, start)
         trajectory.append(theta)
         if on_step is not None:
@@ -116,7 +125,9 @@ def step_loss(predicted_step: Weights, real_step: Weights, kind: str) -> torch.T
 
 
 def _stacked_step_loss(predicted: list[torch.Tensor], real: list[torch.Tensor], kind: str) -> torch.Tensor:
-    pairs = [(p.reshape(*p.shape[:2], -1), r.reshape(*r.shape[:2], -1)) for p, r in zip(predicted, real)]  # (N, n, numel)
+    pairs = [
+        (p.reshape(*p.shape[:2], -1), r.reshape(*r.shape[:2], -1)) for p, r in zip(predicted, real)
+    ]  # (N, n, numel)
     r_sq = torch.cat([r.pow(2).sum(dim=2) for _, r in pairs], dim=1)  # (N, tensors)
     # A tensor can have a zero real step (LoRA A while B = 0): floor its normaliser at 1% of the mean step.
     floor = 0.01 * r_sq.mean() + EPS
@@ -140,8 +151,13 @@ class MatchingStats:
 
 
 def gradient_matching_loss(
-    field: Callable[..., Weights], task: Task, field_inputs: dict[str, torch.Tensor], inputs: Any,
-    t: torch.Tensor, objective: ObjectiveConfig, generator: torch.Generator,
+    field: Callable[..., Weights],
+    task: Task,
+    field_inputs: dict[str, torch.Tensor],
+    inputs: Any,
+    t: torch.Tensor,
+    objective: ObjectiveConfig,
+    generator: torch.Generator,
 ) -> MatchingStats:
     """K-step gradient matching: Psi(c, t+k) against k real updates from theta_hat = stopgrad Psi(c, t)."""
     n, rollout = t.shape[0], objective.rollout
@@ -157,16 +173,20 @@ def gradient_matching_loss(
     theta_hat = [s[:, 0].detach() for s in stacks]
     if not _all_finite(theta_hat):
         raise NonFiniteError("non-finite field output")
-    targets, task_losses = real_trajectory(task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout)
+    targets, task_losses = real_trajectory(
+        task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout
+    )
     real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
     # "position" (docs/design.md): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
     # gradient through both ends and fits Psi(t+k) - Psi(t) as a whole.
     start = [s[:, 0].detach() if objective.match == "position" else s[:, 0] for s in stacks]
-    loss = torch.stack([
-        _stacked_step_loss([s[:, k + 1] - s0 for s, s0 in zip(stacks, start)], real_steps[k], objective.loss)
-        for k in range(rollout)
-    ]).mean()
+    loss = torch.stack(
+        [
+            _stacked_step_loss([s[:, k + 1] - s0 for s, s0 in zip(stacks, start)], real_steps[k], objective.loss)
+            for k in range(rollout)
+        ]
+    ).mean()
     if objective.hinge_weight > 0:
         psi_next = _unstack([s[:, 1] for s in stacks], groups, psi)
         loss = loss + objective.hinge_weight * hinge_loss(task, psi_next, targets[0], inputs, objective, generator)
@@ -176,8 +196,9 @@ def gradient_matching_loss(
     return MatchingStats(loss=loss, task_loss=float(task_losses.mean()), step_norm=float(step_norm))
 
 
-def hinge_loss(task: Task, predicted: Weights, target: Weights, inputs: Any, objective: ObjectiveConfig,
-               generator: torch.Generator) -> torch.Tensor:
+def hinge_loss(
+    task: Task, predicted: Weights, target: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator
+) -> torch.Tensor:
     """Mean over samples of relu(log L(Psi(c, t+1)) - log L(target)): the field's step must do at least as well on the
     task as the real update from its own start, in dB of the loss; both scored on the same draws."""
     state = generator.get_state()
@@ -188,8 +209,10 @@ def hinge_loss(task: Task, predicted: Weights, target: Weights, inputs: Any, obj
     return torch.relu(torch.log(reached.clamp_min(EPS)) - torch.log(floor.clamp_min(EPS))).mean()
 
 
-def end_loss(task: Task, at_T: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator) -> torch.Tensor:
-    """Mean over samples of the task loss at Psi(c, T) (`at_T`, with grad) over the loss at theta_0, on the same draws."""
+def end_loss(
+    task: Task, at_T: Weights, inputs: Any, objective: ObjectiveConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Mean over samples of the task loss at Psi(c, T) (`at_T`, with grad) over theta_0's, on the same draws."""
     first = next(iter(at_T.values()))
     theta0 = {name: w.to(first.device).expand(first.shape[0], *w.shape) for name, w in task.initial_weights().items()}
     # Common random numbers: a diffusion loss varies by orders of magnitude with its noise and timestep draws, so
@@ -202,14 +225,20 @@ def end_loss(task: Task, at_T: Weights, inputs: Any, objective: ObjectiveConfig,
 
 
 def direct_loss(
-    field: Callable[..., Weights], task: Task, field_inputs: dict[str, torch.Tensor], inputs: Any,
-    objective: ObjectiveConfig, generator: torch.Generator,
+    field: Callable[..., Weights],
+    task: Task,
+    field_inputs: dict[str, torch.Tensor],
+    inputs: Any,
+    objective: ObjectiveConfig,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """End-to-end training at T: the mean task loss at Psi(c, T), with the gradient through the task into the field."""
     return task.loss(field(t=objective.steps, **field_inputs), inputs, objective.noise_draws, generator).mean()
 
 
-def supervised_loss(field: Callable[..., Weights], field_inputs: dict[str, torch.Tensor], theta_T: Weights, steps: int, theta0: Weights) -> torch.Tensor:
+def supervised_loss(
+    field: Callable[..., Weights], field_inputs: dict[str, torch.Tensor], theta_T: Weights, steps: int, theta0: Weights
+) -> torch.Tensor:
     """Two-phase baseline: ||Psi(c, T) - theta_T||, normalised per tensor by ||theta_T - theta_0||."""
     n = next(iter(theta_T.values())).shape[0]
     t = torch.full((n,), float(steps), device=next(iter(theta_T.values())).device)
@@ -236,20 +265,32 @@ class MicroBatch:
 Objective = Callable[[Callable[..., Weights], Task, MicroBatch, ObjectiveConfig], tuple[torch.Tensor, dict[str, float]]]
 
 
-def _matching(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+def _matching(
+    field: Callable[..., Weights],
+    task: Task,
+    batch: MicroBatch,
+    objective: ObjectiveConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
     stats = gradient_matching_loss(field, task, batch.field_inputs, batch.inputs, batch.t, objective, batch.generator)
     return stats.loss, {"task_loss": stats.task_loss, "step_norm": stats.step_norm}
 
 
-def _direct(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+def _direct(
+    field: Callable[..., Weights],
+    task: Task,
+    batch: MicroBatch,
+    objective: ObjectiveConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
     loss = direct_loss(field, task, batch.field_inputs, batch.inputs, objective, batch.generator)
     return loss, {"task_loss": float(loss.detach())}
 
 
-def _supervised(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+def _supervised(
+    field: Callable[..., Weights],
+    task: Task,
+    batch: MicroBatch,
+    objective: ObjectiveConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
     if batch.theta_T is None or batch.theta0 is None:
         raise ValueError("objective.kind=supervised needs the micro-batch's precomputed theta_T and theta_0")
     return supervised_loss(field, batch.field_inputs, batch.theta_T, objective.steps, batch.theta0), {}
@@ -258,7 +299,11 @@ def _supervised(field: Callable[..., Weights], task: Task, batch: MicroBatch, ob
 OBJECTIVES: dict[str, Objective] = {"matching": _matching, "direct": _direct, "supervised": _supervised}
 
 
-def objective_loss(field: Callable[..., Weights], task: Task, batch: MicroBatch, objective: ObjectiveConfig,
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+def objective_loss(
+    field: Callable[..., Weights],
+    task: Task,
+    batch: MicroBatch,
+    objective: ObjectiveConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of `objective.kind` on one micro-batch, with grad, and the mean values to log beside it."""
     return OBJECTIVES[objective.kind](field, task, batch, objective)

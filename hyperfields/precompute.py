@@ -21,9 +21,9 @@ from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder
 from hyperfields.errors import UserError, error_line
 from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.objectives import real_trajectory
+from hyperfields.streams import stream
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
-from hyperfields.streams import stream
 
 FORMAT = "hyperfields-precomputed"
 INDEX_NAME = "index.json"
@@ -36,7 +36,11 @@ def _relative(path: Path, data_dir: Path) -> str:
 
 
 def optimise_images(
-    task: Task, dataset: ImageCaptionDataset, config: Config, batch_size: int, device: torch.device,
+    task: Task,
+    dataset: ImageCaptionDataset,
+    config: Config,
+    batch_size: int,
+    device: torch.device,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Weights:
     """theta_T by name, (M, *shape) on the CPU: T real updates from theta_0 for every image, `batch_size` at a time."""
@@ -58,7 +62,9 @@ def optimise_images(
     return {name: torch.cat(chunks) for name, chunks in rows.items()}
 
 
-def write_precomputed(output: Path, theta_T: Weights, theta0: Weights, images: Sequence[str], record: dict[str, Any]) -> Path:
+def write_precomputed(
+    output: Path, theta_T: Weights, theta0: Weights, images: Sequence[str], record: dict[str, Any]
+) -> Path:
     """Write the folder atomically: a temporary sibling renamed into place once complete."""
     tensors = {name: w.contiguous() for name, w in theta_T.items()}
     tensors.update({THETA0_PREFIX + name: w.detach().float().cpu().contiguous() for name, w in theta0.items()})
@@ -71,21 +77,37 @@ def write_precomputed(output: Path, theta_T: Weights, theta0: Weights, images: S
     return write_folder(output, write)
 
 
-def precompute(config: Config, data_dir: Path, output: Path, batch_size: int = 16,
-               on_batch: Callable[[int, int], None] | None = None, warn: Callable[[str], None] | None = None) -> Path:
+def precompute(
+    config: Config,
+    data_dir: Path,
+    output: Path,
+    batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
     """Optimise every training image of `data_dir` (the same held-out split as `train`) and write the folder."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = scan_image_folder(Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn)
+    report = scan_image_folder(
+        Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn
+    )
     records, _ = split_heldout(report.records, config.train.heldout, config.train.seed)
     task = build_task(config, device, torch.float32)
-    theta_T = optimise_images(task, ImageCaptionDataset(records, config.model.resolution), config, batch_size, device, on_batch)
+    theta_T = optimise_images(
+        task, ImageCaptionDataset(records, config.model.resolution), config, batch_size, device, on_batch
+    )
     objective = config.objective
     record = {
-        "task": config.model.task, "steps": objective.steps, "step_size": objective.step_size, "update": objective.update,
-        "noise_draws": objective.noise_draws, "layout": {name: list(shape) for name, shape in task.layout().items()},
+        "task": config.model.task,
+        "steps": objective.steps,
+        "step_size": objective.step_size,
+        "update": objective.update,
+        "noise_draws": objective.noise_draws,
+        "layout": {name: list(shape) for name, shape in task.layout().items()},
         "config": config.to_dict(),
     }
-    return write_precomputed(output, theta_T, task.initial_weights(), [_relative(r.path, data_dir) for r in records], record)
+    return write_precomputed(
+        output, theta_T, task.initial_weights(), [_relative(r.path, data_dir) for r in records], record
+    )
 
 
 def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], data_dir: Path, steps: int) -> Weights:
@@ -95,45 +117,66 @@ def load_precomputed(folder: Path, task: Task, records: Sequence[ImageRecord], d
         index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
         tensors = load_file(str(folder / WEIGHTS_NAME))
     except FileNotFoundError as error:
-        raise UserError(f"objective.precomputed '{folder}': no {Path(error.filename).name} "
-                        "(is it a folder written by 'hyperfields precompute'?)") from None
+        raise UserError(
+            f"objective.precomputed '{folder}': no {Path(error.filename).name} "
+            "(is it a folder written by 'hyperfields precompute'?)"
+        ) from None
     except (ValueError, RecursionError, SafetensorError, OSError) as error:  # JSON, UTF-8, digits, nesting, truncation
         raise UserError(f"objective.precomputed '{folder}': unreadable ({error_line(error)})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"objective.precomputed '{folder}': {INDEX_NAME} is not a hyperfields precomputed index")
     layout = task.layout()
     if index.get("layout") != {name: list(shape) for name, shape in layout.items()}:
-        raise UserError(f"objective.precomputed '{folder}': its weights have another layout than this config's "
-                        f"{index.get('task')!r} task; run 'hyperfields precompute' with the same config")
+        raise UserError(
+            f"objective.precomputed '{folder}': its weights have another layout than this config's "
+            f"{index.get('task')!r} task; run 'hyperfields precompute' with the same config"
+        )
     if index.get("steps") != steps:
-        raise UserError(f"objective.precomputed '{folder}': made with T={index.get('steps')} steps, "
-                        f"but objective.steps={steps}; the field's T must match")
+        raise UserError(
+            f"objective.precomputed '{folder}': made with T={index.get('steps')} steps, "
+            f"but objective.steps={steps}; the field's T must match"
+        )
     images = index.get("images")
-    if not (isinstance(images, dict) and all(type(row) is int for row in images.values())
-            and sorted(images.values()) == list(range(len(images)))):
-        raise UserError(f"objective.precomputed '{folder}': {INDEX_NAME} has no valid \"images\" map (image path -> row 0..M-1); "
-                        "run 'hyperfields precompute' again")
-    wanted = {**{name: (len(images), *shape) for name, shape in layout.items()},
-              **{THETA0_PREFIX + name: tuple(shape) for name, shape in layout.items()}}
+    if not (
+        isinstance(images, dict)
+        and all(type(row) is int for row in images.values())
+        and sorted(images.values()) == list(range(len(images)))
+    ):
+        raise UserError(
+            f"objective.precomputed '{folder}': {INDEX_NAME} has no valid \"images\" map (image path -> row 0..M-1); "
+            "run 'hyperfields precompute' again"
+        )
+    wanted = {
+        **{name: (len(images), *shape) for name, shape in layout.items()},
+        **{THETA0_PREFIX + name: tuple(shape) for name, shape in layout.items()},
+    }
     for key, shape in wanted.items():
         found = tuple(tensors[key].shape) if key in tensors else "no such tensor"
         if found != shape:
-            raise UserError(f"objective.precomputed '{folder}': {WEIGHTS_NAME} tensor '{key}' should have shape {shape}, "
-                            f"found {found}; run 'hyperfields precompute' again")
+            raise UserError(
+                f"objective.precomputed '{folder}': {WEIGHTS_NAME} tensor '{key}' should have shape {shape}, "
+                f"found {found}; run 'hyperfields precompute' again"
+            )
         if not tensors[key].is_floating_point() or not torch.isfinite(tensors[key]).all():
             problem = "NaN or infinite values" if tensors[key].is_floating_point() else f"dtype {tensors[key].dtype}"
-            raise UserError(f"objective.precomputed '{folder}': {WEIGHTS_NAME} tensor '{key}' has {problem}, "
-                            "not finite floating-point weights; run 'hyperfields precompute' again")
+            raise UserError(
+                f"objective.precomputed '{folder}': {WEIGHTS_NAME} tensor '{key}' has {problem}, "
+                "not finite floating-point weights; run 'hyperfields precompute' again"
+            )
     for name, w in task.initial_weights().items():
         if not torch.equal(tensors[THETA0_PREFIX + name], w.float().cpu()):
-            raise UserError(f"objective.precomputed '{folder}': its theta_0 differs from this config's ('{name}'); "
-                            "the init seed or model changed since it was written")
+            raise UserError(
+                f"objective.precomputed '{folder}': its theta_0 differs from this config's ('{name}'); "
+                "the init seed or model changed since it was written"
+            )
     rows = []
     for record in records:
         key = _relative(record.path, data_dir)
         if key not in images:
-            raise UserError(f"objective.precomputed '{folder}': no weights for training image '{key}'; "
-                            "run 'hyperfields precompute' on this data folder with the same train.heldout and train.seed")
+            raise UserError(
+                f"objective.precomputed '{folder}': no weights for training image '{key}'; "
+                "run 'hyperfields precompute' on this data folder with the same train.heldout and train.seed"
+            )
         rows.append(images[key])
     picks = torch.tensor(rows, dtype=torch.long)
     return {name: tensors[name][picks] for name in layout}

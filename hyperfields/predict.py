@@ -75,9 +75,13 @@ def predicted_weights(field: HyperField, photo: Photo, t: float) -> dict[str, to
 
 def prediction_metadata(record: FieldRecord, t: float, photo: Photo) -> dict[str, str]:
     """The provenance written into the header of every file of predicted weights."""
-    metadata = {"hyperfields.version": hyperfields.__version__, "hyperfields.task": record.task,
-                "hyperfields.step": f"{t:g}", "hyperfields.steps": str(record.steps),
-                "hyperfields.photo_sha256": photo.sha256}
+    metadata = {
+        "hyperfields.version": hyperfields.__version__,
+        "hyperfields.task": record.task,
+        "hyperfields.step": f"{t:g}",
+        "hyperfields.steps": str(record.steps),
+        "hyperfields.photo_sha256": photo.sha256,
+    }
     if record.task == "lora":
         metadata["hyperfields.base_model"] = str(record.task_settings["base_model"])
     return metadata
@@ -87,14 +91,19 @@ def predict_lora(field: HyperField, record: FieldRecord, photo: Photo, t: float)
     """Psi(photo, t) as a LoRA with the field's trained alpha and provenance, on the CPU."""
     require_task(record, "lora", "a LoRA")
     settings = record.task_settings
-    return LoraWeights(tensors=predicted_weights(field, photo, t), alpha=float(settings["alpha"]),
-                       metadata=prediction_metadata(record, t, photo),
-                       sdxl_layers_per_block=settings.get("sdxl_layers_per_block"))
+    return LoraWeights(
+        tensors=predicted_weights(field, photo, t),
+        alpha=float(settings["alpha"]),
+        metadata=prediction_metadata(record, t, photo),
+        sdxl_layers_per_block=settings.get("sdxl_layers_per_block"),
+    )
 
 
 def check_base_model(field: HyperField, record: FieldRecord, unet: torch.nn.Module, base_model: str) -> None:
     """Nothing when `unet` has every LoRA target of the field with the same shapes; else a one-line UserError."""
     problem = layout_mismatch(field.shapes, unet)
     if problem is not None:
-        raise UserError(f"the field was trained for base model '{record.task_settings['base_model']}' and does not fit "
-                        f"base model '{base_model}': {problem}")
+        raise UserError(
+            f"the field was trained for base model '{record.task_settings['base_model']}' and does not fit "
+            f"base model '{base_model}': {problem}"
+        )

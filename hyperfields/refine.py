@@ -15,14 +15,14 @@ import torch
 from hyperfields.config import LoraConfig, config_from_dict
 from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
-from hyperfields.predict import Photo, check_base_model, predict_lora, require_task
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
-from hyperfields.objectives import real_trajectory
 from hyperfields.models import load_pipeline_components
+from hyperfields.objectives import real_trajectory
+from hyperfields.predict import Photo, check_base_model, predict_lora, require_task
+from hyperfields.streams import stream
 from hyperfields.tasks.base import Weights
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
-from hyperfields.streams import stream
 
 
 @dataclass
@@ -38,9 +38,18 @@ def _batched(lora: LoraWeights, device: torch.device) -> Weights:
     return {name: w.unsqueeze(0).to(device) for name, w in lora.tensors.items()}
 
 
-def refine(field: HyperField, record: FieldRecord, photo: Photo, steps: int, base_model: str, rank: int | None = None,
-           caption: str | None = None, eval_draws: int = 16, seed: int = 0,
-           on_step: Callable[[int], None] | None = None) -> Refinement:
+def refine(
+    field: HyperField,
+    record: FieldRecord,
+    photo: Photo,
+    steps: int,
+    base_model: str,
+    rank: int | None = None,
+    caption: str | None = None,
+    eval_draws: int = 16,
+    seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> Refinement:
     """Psi(photo, T) refined by `steps` real updates of the field's rule (at `rank` when given), with its losses."""
     require_task(record, "lora", "refining a LoRA")
     objective = config_from_dict(record.config, where="the field's config.json").objective
@@ -63,9 +72,13 @@ def refine(field: HyperField, record: FieldRecord, photo: Photo, steps: int, bas
     generator = stream(seed, "refine", device=device)
     trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step)
     refined = LoraWeights(
-        tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()}, alpha=start.alpha,
+        tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()},
+        alpha=start.alpha,
         metadata={**predicted.metadata, "hyperfields.refine_steps": str(steps)},
         sdxl_layers_per_block=start.sdxl_layers_per_block,
     )
-    return Refinement(lora=refined, loss_predicted=evaluation_loss(_batched(predicted, device)),
-                      loss_refined=evaluation_loss(_batched(refined, device)))
+    return Refinement(
+        lora=refined,
+        loss_predicted=evaluation_loss(_batched(predicted, device)),
+        loss_refined=evaluation_loss(_batched(refined, device)),
+    )

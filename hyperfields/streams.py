@@ -25,14 +25,22 @@ def stream_seed(seed: int, purpose: str, step: int = 0, process: int = 0, index:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def stream(seed: int, purpose: str, step: int = 0, process: int = 0, index: int = 0,
-           device: torch.device | str = "cpu") -> torch.Generator:
+def stream(
+    seed: int, purpose: str, step: int = 0, process: int = 0, index: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator on `device` seeded by `stream_seed` of these numbers."""
     return torch.Generator(device=device).manual_seed(stream_seed(seed, purpose, step, process, index))
 
 
-def training_draws(seed: int, step: int, process: int, micro: int, images: int, batch: int, last_t: int,
-                   ) -> tuple[list[int], torch.Tensor]:
+def training_draws(
+    seed: int,
+    step: int,
+    process: int,
+    micro: int,
+    images: int,
+    batch: int,
+    last_t: int,
+) -> tuple[list[int], torch.Tensor]:
     """Which of `images` training images a micro-batch trains on, and each one's step t in [0, last_t]: two
     independent streams, so every image meets every t."""
     picks = torch.randint(0, images, (batch,), generator=stream(seed, "picks", step, process, micro)).tolist()

@@ -32,8 +32,16 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ["train.batch_size=4", "objective.steps=6", "train.heldout=0", "field.width=32", "field.depth=1",
-            "train.warmup_steps=1", "train.checkpoint_every=0", "train.eval_every=0"]
+SETTINGS = [
+    "train.batch_size=4",
+    "objective.steps=6",
+    "train.heldout=0",
+    "field.width=32",
+    "field.depth=1",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=0",
+    "train.eval_every=0",
+]
 
 
 def write_photos(folder: Path, n: int, size: int) -> None:
@@ -60,8 +68,10 @@ def memory_mb() -> tuple[float, float]:
 def config(cache: str, cache_dir: Path, steps: int):
     from hyperfields.config import load_config
 
-    return load_config(ROOT / "configs" / "tiny.yaml",
-                       [*SETTINGS, f"train.cache={cache}", f"train.cache_dir={cache_dir}", f"train.max_steps={steps}"])
+    return load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [*SETTINGS, f"train.cache={cache}", f"train.cache_dir={cache_dir}", f"train.max_steps={steps}"],
+    )
 
 
 def timed_step(run, step: int) -> float:
@@ -107,8 +117,14 @@ def train_worker(cache: str, photos: Path, run: Path, cache_dir: Path, steps: in
 
 def run_worker(*arguments: str) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, __file__, "--worker", *arguments], cwd=ROOT, env=env,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode:
         raise SystemExit(f"worker {arguments} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -147,9 +163,22 @@ def main() -> None:
     scan_first, scan_resumed = scan_times(photos, work / "scan")
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "hyperfields", "cache", "build", "--config", str(ROOT / "configs" / "tiny.yaml"),
-               "--images", str(photos), "--output", str(work / "build"), "--batch-size", "64",
-               *[a for s in (*SETTINGS, f"train.cache_dir={work / 'cache'}") for a in ("--set", s)]]
+    command = [
+        sys.executable,
+        "-m",
+        "hyperfields",
+        "cache",
+        "build",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--images",
+        str(photos),
+        "--output",
+        str(work / "build"),
+        "--batch-size",
+        "64",
+        *[a for s in (*SETTINGS, f"train.cache_dir={work / 'cache'}") for a in ("--set", s)],
+    ]
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
     build = time.perf_counter() - started
@@ -158,20 +187,33 @@ def main() -> None:
     # The build's run folder: the workers reuse its scan manifest instead of decoding the folder again.
     memory = run_worker("memory", str(photos), str(work / "build"), str(work / "cache"), str(args.steps))
     disk = run_worker("disk", str(photos), str(work / "build"), str(work / "cache"), str(args.steps))
-    figures = {"images": args.images, "scan_first_s": scan_first, "scan_resumed_s": scan_resumed,
-               "resumed_fraction": scan_resumed / scan_first, "build_s": build, "cache_mb": cache_mb,
-               "memory": memory, "disk": disk,
-               "disk_step_ratio": disk["paired_disk_step_ms"] / disk["paired_memory_step_ms"]}
-    alternated = (f"{disk['paired_memory_step_ms']:.1f} / {disk['paired_disk_step_ms']:.1f} ms "
-                  f"({figures['disk_step_ratio']:.2f}x)")
-    rows = [("images", f"{args.images}"), ("scan, first run", f"{scan_first:.2f} s"),
-            ("scan, resumed run", f"{scan_resumed:.2f} s ({100 * figures['resumed_fraction']:.1f}% of the first)"),
-            ("cache build (cache=disk)", f"{build:.1f} s"), ("cache size on disk", f"{cache_mb:.1f} MB"),
-            ("RSS, memory cache", f"{memory['rss_mb']:.0f} MB (peak {memory['peak_rss_mb']:.0f})"),
-            ("RSS, disk cache", f"{disk['rss_mb']:.0f} MB (peak {disk['peak_rss_mb']:.0f})"),
-            ("step, memory cache (own process)", f"{memory['step_ms']:.1f} ms"),
-            ("step, disk cache (own process)", f"{disk['step_ms']:.1f} ms"),
-            ("step, memory / disk alternated", alternated)]
+    figures = {
+        "images": args.images,
+        "scan_first_s": scan_first,
+        "scan_resumed_s": scan_resumed,
+        "resumed_fraction": scan_resumed / scan_first,
+        "build_s": build,
+        "cache_mb": cache_mb,
+        "memory": memory,
+        "disk": disk,
+        "disk_step_ratio": disk["paired_disk_step_ms"] / disk["paired_memory_step_ms"],
+    }
+    alternated = (
+        f"{disk['paired_memory_step_ms']:.1f} / {disk['paired_disk_step_ms']:.1f} ms "
+        f"({figures['disk_step_ratio']:.2f}x)"
+    )
+    rows = [
+        ("images", f"{args.images}"),
+        ("scan, first run", f"{scan_first:.2f} s"),
+        ("scan, resumed run", f"{scan_resumed:.2f} s ({100 * figures['resumed_fraction']:.1f}% of the first)"),
+        ("cache build (cache=disk)", f"{build:.1f} s"),
+        ("cache size on disk", f"{cache_mb:.1f} MB"),
+        ("RSS, memory cache", f"{memory['rss_mb']:.0f} MB (peak {memory['peak_rss_mb']:.0f})"),
+        ("RSS, disk cache", f"{disk['rss_mb']:.0f} MB (peak {disk['peak_rss_mb']:.0f})"),
+        ("step, memory cache (own process)", f"{memory['step_ms']:.1f} ms"),
+        ("step, disk cache (own process)", f"{disk['step_ms']:.1f} ms"),
+        ("step, memory / disk alternated", alternated),
+    ]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     if args.json:

@@ -24,9 +24,9 @@ from hyperfields.config import load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
 from hyperfields.field.io import FieldRecord, load_field  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402
-from hyperfields.predict import predict_lora, read_photo  # noqa: E402
 from hyperfields.lora.formats import write_lora  # noqa: E402
 from hyperfields.models import load_encoder  # noqa: E402
+from hyperfields.predict import predict_lora, read_photo  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +53,32 @@ def tiny_field(device: torch.device) -> tuple[HyperField, FieldRecord]:
     config = load_config(ROOT / "configs" / "tiny.yaml")
     task = build_task(config, torch.device("cpu"), torch.float32)
     model, norm = load_encoder(config.model.encoder)
-    field = HyperField(ImageEncoder(model, norm), task.layout(), task.initial_weights(), task.init_std(),
-                       steps=config.objective.steps, **dataclasses.asdict(config.field))
-    record = FieldRecord(task=config.model.task, encoder=config.model.encoder, train_encoder=False,
-                         layout=task.layout(), steps=config.objective.steps, field=dataclasses.asdict(config.field),
-                         resolution=config.model.resolution, task_settings=task.record())
+    field = HyperField(
+        ImageEncoder(model, norm),
+        task.layout(),
+        task.initial_weights(),
+        task.init_std(),
+        steps=config.objective.steps,
+        **dataclasses.asdict(config.field),
+    )
+    record = FieldRecord(
+        task=config.model.task,
+        encoder=config.model.encoder,
+        train_encoder=False,
+        layout=task.layout(),
+        steps=config.objective.steps,
+        field=dataclasses.asdict(config.field),
+        resolution=config.model.resolution,
+        task_settings=task.record(),
+    )
     return field.to(device).eval(), record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--field", help="A trained field folder or hub id; default an untrained field on the tiny models.")
+    parser.add_argument(
+        "--field", help="A trained field folder or hub id; default an untrained field on the tiny models."
+    )
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -77,14 +92,21 @@ def main() -> None:
         lora = predict_lora(field, record, photo, float(field.steps))
         timings = {
             "read photo": median_seconds(lambda: read_photo(photo_path, record.resolution), args.runs, device),
-            "predict LoRA": median_seconds(lambda: predict_lora(field, record, photo, float(field.steps)), args.runs,
-                                           device),
-            "write diffusers": median_seconds(lambda: write_lora(lora, Path(scratch) / "d.safetensors", "diffusers"), args.runs, device),
-            "write kohya": median_seconds(lambda: write_lora(lora, Path(scratch) / "k.safetensors", "kohya"), args.runs, device),
+            "predict LoRA": median_seconds(
+                lambda: predict_lora(field, record, photo, float(field.steps)), args.runs, device
+            ),
+            "write diffusers": median_seconds(
+                lambda: write_lora(lora, Path(scratch) / "d.safetensors", "diffusers"), args.runs, device
+            ),
+            "write kohya": median_seconds(
+                lambda: write_lora(lora, Path(scratch) / "k.safetensors", "kohya"), args.runs, device
+            ),
         }
     parameters = sum(t.numel() for t in lora.tensors.values())
-    print(f"field: {len(lora.targets)} LoRA targets, rank {lora.rank}, {parameters / 1e3:.1f}k LoRA parameters; "
-          f"device {device}, torch threads {torch.get_num_threads()}, median of {args.runs} runs")
+    print(
+        f"field: {len(lora.targets)} LoRA targets, rank {lora.rank}, {parameters / 1e3:.1f}k LoRA parameters; "
+        f"device {device}, torch threads {torch.get_num_threads()}, median of {args.runs} runs"
+    )
     for name, seconds in timings.items():
         print(f"  {name:<16} {seconds * 1e3:8.2f} ms")
 

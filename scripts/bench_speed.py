@@ -26,8 +26,9 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,12 +36,12 @@ import torch  # noqa: E402
 from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import inject_adapter_in_model  # noqa: E402
 
-from hyperfields.models.architectures import UNETS, build_dinov2_base, build_unet  # noqa: E402
 from hyperfields.config import Config, load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402
-from hyperfields.objectives import gradient_matching_loss  # noqa: E402
 from hyperfields.models import PipelineParts, load_encoder, load_pipeline_components  # noqa: E402
+from hyperfields.models.architectures import UNETS, build_dinov2_base, build_unet  # noqa: E402
+from hyperfields.objectives import gradient_matching_loss  # noqa: E402
 from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -78,7 +79,9 @@ def build_real(preset: str, config: Config, batch: int, resolution: int, dtype: 
     from diffusers import DDPMScheduler
 
     unet = build_unet(preset, dtype=dtype, device=device)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     parts = PipelineParts(unet=unet, vae=None, text_encoder=None, tokenizer=None, noise_scheduler=scheduler)
     encoder_model, norm = build_dinov2_base(dtype)
     _, text = UNETS[preset]
@@ -89,7 +92,9 @@ def build_real(preset: str, config: Config, batch: int, resolution: int, dtype: 
     )
     if text.pooled is not None:
         inputs.pooled_text_embeddings = torch.randn(batch, text.pooled, generator=g).to(device, dtype)
-        inputs.time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device).float().expand(batch, 6)
+        inputs.time_ids = (
+            torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device).float().expand(batch, 6)
+        )
     return parts, (encoder_model, norm), inputs
 
 
@@ -107,13 +112,27 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="reduced resolution and batch, 3 timed steps")
-    parser.add_argument("--batch", type=int, help="conditions per step (default: the preset's train.batch_size; 1 with --quick)")
+    parser.add_argument(
+        "--batch", type=int, help="conditions per step (default: the preset's train.batch_size; 1 with --quick)"
+    )
     parser.add_argument("--resolution", type=int, help="pixels (default: the preset's model.resolution)")
-    parser.add_argument("--precision", choices=sorted(_DTYPES), help="frozen models' precision (default: the preset's on a GPU, 'no' = fp32 on a CPU)")
+    parser.add_argument(
+        "--precision",
+        choices=sorted(_DTYPES),
+        help="frozen models' precision (default: the preset's on a GPU, 'no' = fp32 on a CPU)",
+    )
     parser.add_argument("--draws", type=int, default=1, help="noise draws per task gradient in the matching step")
     parser.add_argument("--iters", type=int, help="timed steps of each kind (default 10; 3 with --quick)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: 1 with --quick on a CPU, else torch's default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. train.gradient_checkpointing=false")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (default: 1 with --quick on a CPU, else torch's default)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="config override, e.g. train.gradient_checkpointing=false",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -146,7 +165,11 @@ def main() -> None:
     if args.preset == "tiny":
         inputs = task.prepare(images, ["a photo of sks"] * batch)
     field = HyperField(
-        ImageEncoder(encoder_model, norm), task.layout(), task.initial_weights(), task.init_std(), steps=config.objective.steps,
+        ImageEncoder(encoder_model, norm),
+        task.layout(),
+        task.initial_weights(),
+        task.init_std(),
+        steps=config.objective.steps,
         **dataclasses.asdict(config.field),
     ).to(device)
     field_parameters = [p for p in field.parameters() if p.requires_grad]
@@ -184,7 +207,9 @@ def main() -> None:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
         noisy = scheduler.add_noise(inputs.latents, noise, timesteps)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = plain_unet(noisy.to(dtype), timesteps, inputs.text_embeddings.to(dtype), added_cond_kwargs=added).sample
+            prediction = plain_unet(
+                noisy.to(dtype), timesteps, inputs.text_embeddings.to(dtype), added_cond_kwargs=added
+            ).sample
         torch.nn.functional.mse_loss(prediction.float(), noise).backward()
         torch.nn.utils.clip_grad_norm_(lora_parameters, config.train.max_grad_norm)
         lora_optimizer.step()
@@ -215,12 +240,28 @@ def main() -> None:
     encoder_s = median([timed(encode, device) for _ in range(iters)])
     gm_s, lora_s = median(times["gm"]), median(times["lora"])
     figures: dict[str, Any] = {
-        "preset": args.preset, "quick": args.quick, "device": str(device), "precision": precision, "batch": batch,
-        "resolution": resolution, "gradient_checkpointing": checkpointing, "noise_draws": objective.noise_draws,
-        "lora_targets": len(task.targets), "rank": lora.rank, "field_params_m": sum(p.numel() for p in field_parameters) / 1e6,
-        "gm_step_s": gm_s, "lora_step_s": lora_s, "ratio": gm_s / lora_s, "samples_per_s": batch / gm_s,
-        "peak_mem_gb": peaks["gm"], "lora_peak_mem_gb": peaks["lora"], "predict_ms": predict_s * 1000,
-        "encoder_ms": encoder_s * 1000, "iters": iters, "torch_threads": torch.get_num_threads(), "build_s": build_s,
+        "preset": args.preset,
+        "quick": args.quick,
+        "device": str(device),
+        "precision": precision,
+        "batch": batch,
+        "resolution": resolution,
+        "gradient_checkpointing": checkpointing,
+        "noise_draws": objective.noise_draws,
+        "lora_targets": len(task.targets),
+        "rank": lora.rank,
+        "field_params_m": sum(p.numel() for p in field_parameters) / 1e6,
+        "gm_step_s": gm_s,
+        "lora_step_s": lora_s,
+        "ratio": gm_s / lora_s,
+        "samples_per_s": batch / gm_s,
+        "peak_mem_gb": peaks["gm"],
+        "lora_peak_mem_gb": peaks["lora"],
+        "predict_ms": predict_s * 1000,
+        "encoder_ms": encoder_s * 1000,
+        "iters": iters,
+        "torch_threads": torch.get_num_threads(),
+        "build_s": build_s,
     }
     for key, value in figures.items():
         print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")

@@ -29,7 +29,7 @@ def main() -> None:
         for index in range(args.per_photo):
             side = int(rng.integers(min(height, width) // 3, min(height, width) // 1.5))
             top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-            crop = Image.fromarray(photo[top:top + side, left:left + side, :3])
+            crop = Image.fromarray(photo[top : top + side, left : left + side, :3])
             crop.save(args.out / f"{name}_{index}.png")
             (args.out / f"{name}_{index}.txt").write_text(f"a photo of sks {name}\n", encoding="utf-8")
             count += 1

@@ -14,8 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # HYPOTHESIS_PROFILE=deep searches far more cases with fresh randomness.
 _SLOW_INPUTS = [HealthCheck.too_slow, HealthCheck.data_too_large]
 # No explain phase in CI: it reruns a failing case ~100 times (minutes for a CLI case) to list lines it covered.
-settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, database=None, print_blob=True,
-                          suppress_health_check=_SLOW_INPUTS, phases=[p for p in Phase if p is not Phase.explain])
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_INPUTS,
+    phases=[p for p in Phase if p is not Phase.explain],
+)
 settings.register_profile("deep", max_examples=1000, deadline=None, suppress_health_check=_SLOW_INPUTS, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -27,8 +35,12 @@ from hyperfields.models import ImageNorm  # noqa: E402
 
 def tiny_vit_encoder(seed: int = 0) -> ImageEncoder:
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    return ImageEncoder(ViTModel(config, add_pooling_layer=False), ImageNorm(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    config = ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    )
+    return ImageEncoder(
+        ViTModel(config, add_pooling_layer=False), ImageNorm(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    )
 
 
 class QuadraticTask:

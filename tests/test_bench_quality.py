@@ -22,25 +22,60 @@ def _crops(folder: Path, count: int, seed: int) -> Path:
     for i in range(count):
         # Smooth colour ramps, so a coordinate MLP has something to fit.
         ramp = np.linspace(0, 1, 16)
-        pixels = np.stack([np.outer(ramp, np.ones(16)) * rng.random(), np.outer(np.ones(16), ramp) * rng.random(),
-                           np.full((16, 16), rng.random())], axis=-1)
+        pixels = np.stack(
+            [
+                np.outer(ramp, np.ones(16)) * rng.random(),
+                np.outer(np.ones(16), ramp) * rng.random(),
+                np.full((16, 16), rng.random()),
+            ],
+            axis=-1,
+        )
         Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / f"crop{i}.png")
     return folder
 
 
 def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 @pytest.mark.slow
 def test_inr_benchmark_writes_the_table_json_and_plot(tmp_path: Path) -> None:
     train, heldout = _crops(tmp_path / "train", 12, 0), _crops(tmp_path / "heldout", 3, 1)
     out = tmp_path / "q.json"
-    result = _bench(tmp_path, "--task", "inr", "--budget", "480", "--train", str(train), "--heldout", str(heldout),
-                    "--set", "objective.steps=20", "--set", "objective.end_weight=10", "--set", "train.max_steps=8",
-                    "--set", "field.depth=1", "--set", "field.width=64",
-                    "--json", str(out), "--plot", str(tmp_path / "q.png"), "--work", str(tmp_path / "work"))
+    result = _bench(
+        tmp_path,
+        "--task",
+        "inr",
+        "--budget",
+        "480",
+        "--train",
+        str(train),
+        "--heldout",
+        str(heldout),
+        "--set",
+        "objective.steps=20",
+        "--set",
+        "objective.end_weight=10",
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "field.depth=1",
+        "--set",
+        "field.width=64",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "q.png"),
+        "--work",
+        str(tmp_path / "work"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "field, budget x1" in result.stdout and "supervised, budget x0.25" in result.stdout
     report = json.loads(out.read_text())
@@ -87,7 +122,9 @@ def test_lora_recovered_fraction_and_its_error():
 
 
 def test_bad_fractions_are_one_line_errors(tmp_path: Path) -> None:
-    result = _bench(tmp_path, "--task", "inr", "--budget", "100", "--fractions", "0.5,2", "--json", str(tmp_path / "q.json"))
+    result = _bench(
+        tmp_path, "--task", "inr", "--budget", "100", "--fractions", "0.5,2", "--json", str(tmp_path / "q.json")
+    )
     assert result.returncode == 2
     assert "--fractions 0.5,2: each fraction of the budget must be in (0, 1]" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "q.json").exists()

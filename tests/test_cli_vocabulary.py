@@ -41,8 +41,11 @@ def commands() -> dict[str, click.Command]:
 
 def visible_options(command: click.Command) -> dict[str, list[str]]:
     """The option strings of each option --help shows, by its first (long) name."""
-    return {p.opts[0]: sorted(p.opts + p.secondary_opts) for p in command.params
-            if p.param_type_name == "option" and not p.hidden}
+    return {
+        p.opts[0]: sorted(p.opts + p.secondary_opts)
+        for p in command.params
+        if p.param_type_name == "option" and not p.hidden
+    }
 
 
 def test_every_command_is_walked() -> None:
@@ -115,8 +118,22 @@ def trained(tmp_path_factory) -> TinyField:
 
 def test_out_still_names_the_output_of_generate_and_export(trained: TinyField, tmp_path: Path) -> None:
     sheet = tmp_path / "sheet"
-    result = runner.invoke(app, ["generate", "-f", str(trained.field), "-i", str(trained.photo), "--out", str(sheet),
-                                 "-p", "a photo of sks", "--num-inference-steps", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "-f",
+            str(trained.field),
+            "-i",
+            str(trained.photo),
+            "--out",
+            str(sheet),
+            "-p",
+            "a photo of sks",
+            "--num-inference-steps",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert notes(result) == ["note: --out is deprecated; use --output"] and (sheet / "contact_sheet.png").is_file()
     lora = tmp_path / "lora.safetensors"
@@ -178,8 +195,10 @@ def documented_invocations() -> list[tuple[str, str, list[str]]]:
                 words = line.split("#")[0].split()
                 if "hyperfields" not in words:
                     continue
-                rest = words[words.index("hyperfields") + 1:]
-                name = next((n for n in sorted(known, key=len, reverse=True) if rest[:len(n.split())] == n.split()), "")
+                rest = words[words.index("hyperfields") + 1 :]
+                name = next(
+                    (n for n in sorted(known, key=len, reverse=True) if rest[: len(n.split())] == n.split()), ""
+                )
                 found.append((doc.name, name, [w.split("=")[0] for w in rest if w.startswith("-")]))
     return found
 

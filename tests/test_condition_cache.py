@@ -23,8 +23,16 @@ from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask
 from hyperfields.training.cache import ConditionCache, DiskRows, condition_identity
 
 runner = CliRunner()
-FAST = ["train.batch_size=2", "objective.steps=6", "train.heldout=0", "field.width=32", "field.depth=1",
-        "train.warmup_steps=1", "train.checkpoint_every=0", "train.max_steps=3"]
+FAST = [
+    "train.batch_size=2",
+    "objective.steps=6",
+    "train.heldout=0",
+    "field.width=32",
+    "field.depth=1",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=0",
+    "train.max_steps=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +46,10 @@ def photos(tmp_path_factory) -> Path:
 
 def invoke(command: str, photos: Path, output: Path, *settings: str):
     options = [a for s in (*FAST, *settings) for a in ("--set", s)]
-    return runner.invoke(app, [*command.split(), "--config", "configs/tiny.yaml", "--data", str(photos),
-                               "--output", str(output), *options])
+    return runner.invoke(
+        app,
+        [*command.split(), "--config", "configs/tiny.yaml", "--data", str(photos), "--output", str(output), *options],
+    )
 
 
 def field_weights(output: Path) -> dict[str, torch.Tensor]:
@@ -91,8 +101,11 @@ def rows_of(records: list[ImageRecord], calls: list[list[int]]):
     def compute(indices: list[int]) -> tuple[dict[str, torch.Tensor], DiffusionInputs]:
         calls.append(indices)
         values = torch.tensor([float(len(records[i].caption)) for i in indices])
-        return ({"encoder_tokens": values.view(-1, 1, 1).expand(-1, 2, 3).clone()},
-                DiffusionInputs(latents=values.view(-1, 1, 1, 1) * 2, text_embeddings=values.view(-1, 1, 1) + 1))
+        return (
+            {"encoder_tokens": values.view(-1, 1, 1).expand(-1, 2, 3).clone()},
+            DiffusionInputs(latents=values.view(-1, 1, 1, 1) * 2, text_embeddings=values.view(-1, 1, 1) + 1),
+        )
+
     return compute
 
 
@@ -115,8 +128,9 @@ def test_disk_entries_are_reused_across_caches_and_never_for_another_model(photo
     other_model = condition_identity(load_config(None, ["model.resolution=128"]))
     other_caption = [dataclasses.replace(records[0], caption="another caption"), *records[1:]]
     for changed_records, changed_identity in ((records, other_model), (other_caption, identity)):
-        ConditionCache(rows_of(changed_records, calls), torch.device("cpu"),
-                       DiskRows(tmp_path, changed_records, changed_identity)).get([0])
+        ConditionCache(
+            rows_of(changed_records, calls), torch.device("cpu"), DiskRows(tmp_path, changed_records, changed_identity)
+        ).get([0])
     assert calls == [[0, 2], [0], [0]]
 
 
@@ -142,10 +156,30 @@ def test_a_damaged_entry_is_computed_again(photos, tmp_path):
 @pytest.mark.slow
 def test_cache_build_under_torchrun_splits_the_images_across_processes(photos, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "hyperfields", "cache", "build",
-               "--config", "configs/tiny.yaml", "--data", str(photos), "--output", str(tmp_path / "run"),
-               "--batch-size", "2", *[a for s in FAST for a in ("--set", s)]]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(29500 + (os.getpid() + 7) % 1000),
+        "-m",
+        "hyperfields",
+        "cache",
+        "build",
+        "--config",
+        "configs/tiny.yaml",
+        "--data",
+        str(photos),
+        "--output",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "2",
+        *[a for s in FAST for a in ("--set", s)],
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "cached 3 of 3 images of this process" in result.stderr  # rank 0's share: images 0, 2 and 4 of 5

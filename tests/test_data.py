@@ -58,9 +58,11 @@ def test_caption_sources(tmp_path: Path) -> None:
     _png(tmp_path / "sub" / "d.png")
     _png(tmp_path / "sub" / "deeper" / "e.png")
     (tmp_path / "sub" / "metadata.jsonl").write_text(
-        json.dumps({"file_name": "d.png", "text": "caption from jsonl"}) + "\n"
+        json.dumps({"file_name": "d.png", "text": "caption from jsonl"})
+        + "\n"
         + "{not json\n"
-        + json.dumps({"file_name": "deeper/e.png", "text": " nested jsonl caption "}) + "\n",
+        + json.dumps({"file_name": "deeper/e.png", "text": " nested jsonl caption "})
+        + "\n",
         encoding="utf-8",
     )
     _png(tmp_path / "f.png")

@@ -26,12 +26,33 @@ def test_two_processes_train_the_same_field(tmp_path):
     for i in range(6):
         Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"{i}.png")
     output = tmp_path / "run"
-    overrides = ["train.max_steps=3", "train.checkpoint_every=2", "train.batch_size=2", "objective.steps=6",
-                 "train.heldout=1", "train.eval_draws=2", "field.width=32", "field.depth=1", "train.warmup_steps=1"]
+    overrides = [
+        "train.max_steps=3",
+        "train.checkpoint_every=2",
+        "train.batch_size=2",
+        "objective.steps=6",
+        "train.heldout=1",
+        "train.eval_draws=2",
+        "field.width=32",
+        "field.depth=1",
+        "train.warmup_steps=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "tests" / "distributed_worker.py"),
-               str(photos), str(output), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        str(ROOT / "tests" / "distributed_worker.py"),
+        str(photos),
+        str(output),
+        *overrides,
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rank 0 of 2 done" in result.stdout and "rank 1 of 2 done" in result.stdout

@@ -39,7 +39,11 @@ def fused_unet_weights(lora_file: Path | None) -> dict[str, torch.Tensor]:
         pipe.load_lora_weights(str(lora_file))
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
-    return {name: p.detach().clone() for name, p in pipe.unet.named_parameters() if "attn" in name and name.endswith("weight")}
+    return {
+        name: p.detach().clone()
+        for name, p in pipe.unet.named_parameters()
+        if "attn" in name and name.endswith("weight")
+    }
 
 
 def test_our_header_key_is_the_one_diffusers_reads():
@@ -49,9 +53,16 @@ def test_our_header_key_is_the_one_diffusers_reads():
 
 
 def test_kohya_and_diffusers_files_fuse_to_the_same_weights_with_the_trained_alpha(trained, tmp_path):
-    assert export(trained, tmp_path / "d.safetensors", "--image", str(trained.photo), "--format", "diffusers").exit_code == 0
-    assert export(trained, tmp_path / "k.safetensors", "--image", str(trained.photo), "--format", "kohya").exit_code == 0
-    base, from_diffusers, from_kohya = (fused_unet_weights(f) for f in (None, tmp_path / "d.safetensors", tmp_path / "k.safetensors"))
+    assert (
+        export(trained, tmp_path / "d.safetensors", "--image", str(trained.photo), "--format", "diffusers").exit_code
+        == 0
+    )
+    assert (
+        export(trained, tmp_path / "k.safetensors", "--image", str(trained.photo), "--format", "kohya").exit_code == 0
+    )
+    base, from_diffusers, from_kohya = (
+        fused_unet_weights(f) for f in (None, tmp_path / "d.safetensors", tmp_path / "k.safetensors")
+    )
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as file:
         key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
         a, b = (file.get_tensor(f"unet.{key}.lora_{factor}.weight").float() for factor in "AB")
@@ -66,7 +77,9 @@ def test_kohya_and_diffusers_files_fuse_to_the_same_weights_with_the_trained_alp
 
 
 def test_files_carry_provenance_and_kohya_alpha(trained, tmp_path):
-    result = export(trained, tmp_path / "k.safetensors", "--image", str(trained.photo), "--format", "kohya", "--step", "3")
+    result = export(
+        trained, tmp_path / "k.safetensors", "--image", str(trained.photo), "--format", "kohya", "--step", "3"
+    )
     assert result.exit_code == 0, result.output
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as file:
         header = file.metadata()
@@ -75,10 +88,16 @@ def test_files_carry_provenance_and_kohya_alpha(trained, tmp_path):
     # The names sd-scripts writes for SD 1.x: the diffusers UNet module path with dots as underscores.
     kohya = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
     assert {f"{kohya}.lora_down.weight", f"{kohya}.lora_up.weight", f"{kohya}.alpha"} <= keys
-    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert all(
+        k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys
+    )
     assert alphas == {8.0}
     assert header["hyperfields.photo_sha256"] == hashlib.sha256(trained.photo.read_bytes()).hexdigest()
-    assert header["hyperfields.step"] == "3" and header["hyperfields.base_model"] == "tiny" and header["hyperfields.version"]
+    assert (
+        header["hyperfields.step"] == "3"
+        and header["hyperfields.base_model"] == "tiny"
+        and header["hyperfields.version"]
+    )
     export(trained, tmp_path / "d.safetensors", "--image", str(trained.photo))
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as file:
         config = json.loads(file.metadata()[ADAPTER_METADATA_KEY])
@@ -161,17 +180,37 @@ def bad_inputs(trained: TinyField, tmp: Path) -> dict[str, tuple[list[str], str]
     return {
         "missing field": (["--field", str(tmp / "nope"), *photo], "no such folder"),
         "corrupt field": (["--field", str(corrupt), *photo], "truncated or not safetensors"),
-        "unreadable photo": (["--field", str(trained.field), "--image", str(tmp / "not-a-photo.png")], "cannot be read as an image"),
+        "unreadable photo": (
+            ["--field", str(trained.field), "--image", str(tmp / "not-a-photo.png")],
+            "cannot be read as an image",
+        ),
         "missing photo": (["--field", str(trained.field), "--image", str(tmp / "gone.png")], "does not exist"),
         "step above T": (["--field", str(trained.field), *photo, "--step", "7"], "outside [0, 6]"),
         "negative step": (["--field", str(trained.field), *photo, "--step", "-1"], "outside [0, 6]"),
-        "unwritable output": (["--field", str(trained.field), *photo, "--out", str(tmp / "a-file" / "x.safetensors")], "cannot be written"),
-        "photo and folder": (["--field", str(trained.field), *photo, "--images", str(trained.photos)], "exactly one of"),
+        "unwritable output": (
+            ["--field", str(trained.field), *photo, "--out", str(tmp / "a-file" / "x.safetensors")],
+            "cannot be written",
+        ),
+        "photo and folder": (
+            ["--field", str(trained.field), *photo, "--images", str(trained.photos)],
+            "exactly one of",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["missing field", "corrupt field", "unreadable photo", "missing photo", "step above T",
-                                  "negative step", "unwritable output", "photo and folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing field",
+        "corrupt field",
+        "unreadable photo",
+        "missing photo",
+        "step above T",
+        "negative step",
+        "unwritable output",
+        "photo and folder",
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, case):
     args, expected = bad_inputs(trained, tmp_path)[case]
     if "--out" not in args:

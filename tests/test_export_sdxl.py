@@ -27,7 +27,11 @@ def fused_unet_weights(lora_file: Path | None) -> dict[str, torch.Tensor]:
         pipe.load_lora_weights(str(lora_file))
         pipe.fuse_lora()
         pipe.unload_lora_weights()
-    return {name: p.detach().clone() for name, p in pipe.unet.named_parameters() if "attn" in name and name.endswith("weight")}
+    return {
+        name: p.detach().clone()
+        for name, p in pipe.unet.named_parameters()
+        if "attn" in name and name.endswith("weight")
+    }
 
 
 def test_sdxl_kohya_export_uses_sgm_names_and_fuses_like_diffusers(tmp_path):
@@ -36,17 +40,54 @@ def test_sdxl_kohya_export_uses_sgm_names_and_fuses_like_diffusers(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"p{i}.png")
-    result = runner.invoke(app, [
-        "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(photos), "--output", str(tmp_path / "run"),
-        "--base-model", TINY_XL, "--max-steps", "1", "--set", "train.heldout=0", "--set", "train.batch_size=2",
-        "--set", "objective.steps=6", "--set", "field.width=32", "--set", "field.depth=1", "--set", "lora.alpha=8",
-        "--set", "train.warmup_steps=1"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--data",
+            str(photos),
+            "--output",
+            str(tmp_path / "run"),
+            "--base-model",
+            TINY_XL,
+            "--max-steps",
+            "1",
+            "--set",
+            "train.heldout=0",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "objective.steps=6",
+            "--set",
+            "field.width=32",
+            "--set",
+            "field.depth=1",
+            "--set",
+            "lora.alpha=8",
+            "--set",
+            "train.warmup_steps=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     files = {}
     for fmt in ("diffusers", "kohya"):
         files[fmt] = tmp_path / f"{fmt}.safetensors"
-        exported = runner.invoke(app, ["export", "--field", str(tmp_path / "run" / "field"), "--image", str(photos / "p0.png"),
-                                       "--format", fmt, "--out", str(files[fmt])])
+        exported = runner.invoke(
+            app,
+            [
+                "export",
+                "--field",
+                str(tmp_path / "run" / "field"),
+                "--image",
+                str(photos / "p0.png"),
+                "--format",
+                fmt,
+                "--out",
+                str(files[fmt]),
+            ],
+        )
         assert exported.exit_code == 0, exported.output
     with safe_open(str(files["kohya"]), "pt") as file:
         keys = list(file.keys())
@@ -59,7 +100,9 @@ def test_sdxl_kohya_export_uses_sgm_names_and_fuses_like_diffusers(tmp_path):
         header = file.metadata()
     assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert header["modelspec.implementation"] == "diffusers"
-    assert keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for k in keys)
+    assert keys and all(
+        k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for k in keys
+    )
     base, from_diffusers, from_kohya = (fused_unet_weights(f) for f in (None, files["diffusers"], files["kohya"]))
     changed = 0
     for name in base:

@@ -39,11 +39,20 @@ def test_generated_variance_at_init_matches_hyperfan_target():
 def test_every_head_gets_a_gradient_at_the_first_step():
     task = QuadraticTask()
     torch.manual_seed(0)
-    field = HyperField(tiny_vit_encoder(), task.layout(), task.initial_weights(), task.init_std(), steps=20, width=32, depth=1, heads=4)
+    field = HyperField(
+        tiny_vit_encoder(), task.layout(), task.initial_weights(), task.init_std(), steps=20, width=32, depth=1, heads=4
+    )
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd", rollout=1)
-    stats = gradient_matching_loss(field, task, {"images": images}, task.prepare(images, [""] * 4),
-                                   torch.tensor([0, 3, 7, 12]), objective, torch.Generator().manual_seed(0))
+    stats = gradient_matching_loss(
+        field,
+        task,
+        {"images": images},
+        task.prepare(images, [""] * 4),
+        torch.tensor([0, 3, 7, 12]),
+        objective,
+        torch.Generator().manual_seed(0),
+    )
     stats.loss.backward()
     for key, head in field.heads.items():
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0, key
@@ -53,8 +62,17 @@ def test_every_head_gets_a_gradient_at_the_first_step():
 def _randomised(spatial_rank: int) -> HyperField:
     # Random weights everywhere, so that the step condition reaches the output (at init adaLN-Zero hides it).
     torch.manual_seed(0)
-    field = HyperField(tiny_vit_encoder(), {"w": (6, 5)}, {"w": torch.zeros(6, 5)}, {"w": 0.1}, steps=10, width=32,
-                       depth=1, heads=4, spatial_rank=spatial_rank)
+    field = HyperField(
+        tiny_vit_encoder(),
+        {"w": (6, 5)},
+        {"w": torch.zeros(6, 5)},
+        {"w": 0.1},
+        steps=10,
+        width=32,
+        depth=1,
+        heads=4,
+        spatial_rank=spatial_rank,
+    )
     with torch.no_grad():
         for name, parameter in field.named_parameters():
             if not name.startswith("encoder."):

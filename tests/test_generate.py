@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from hyperfields.cli.main import app
 from hyperfields.field.io import FieldRecord, load_field, push_field, save_field
 from hyperfields.generate import cached_lora_file
-from hyperfields.predict import read_photo
 from hyperfields.models import load_encoder
 from hyperfields.models.tiny import tiny_models_dir
+from hyperfields.predict import read_photo
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
@@ -35,8 +35,24 @@ def trained(tmp_path_factory) -> TinyField:
 
 
 def generate(trained: TinyField, out: Path, cache: Path, *extra: str, photo: Path | None = None):
-    return runner.invoke(app, ["generate", "--field", str(trained.field), "--image", str(photo or trained.photo), "--prompt", PROMPT,
-                               *SAMPLING, "--out", str(out), "--cache-dir", str(cache), *extra])
+    return runner.invoke(
+        app,
+        [
+            "generate",
+            "--field",
+            str(trained.field),
+            "--image",
+            str(photo or trained.photo),
+            "--prompt",
+            PROMPT,
+            *SAMPLING,
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            *extra,
+        ],
+    )
 
 
 def reference_images(lora_file: Path | None, num_images: int = 1) -> np.ndarray:
@@ -45,8 +61,14 @@ def reference_images(lora_file: Path | None, num_images: int = 1) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     if lora_file is not None:
         pipe.load_lora_weights(str(lora_file))
-    return pipe(PROMPT, num_images_per_prompt=num_images, num_inference_steps=3, guidance_scale=5.0,
-                generator=torch.Generator().manual_seed(7), output_type="np").images
+    return pipe(
+        PROMPT,
+        num_images_per_prompt=num_images,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+    ).images
 
 
 def png(path: Path) -> np.ndarray:
@@ -61,15 +83,30 @@ def test_an_exported_diffusers_file_reproduces_the_generated_image(trained, tmp_
     assert Image.open(tmp_path / "images" / "contact_sheet.png").size == (64, 2 * 64 + 2)  # a row per prompt, 2 px gap
     assert json.loads((tmp_path / "images" / "generation.json").read_text())["prompts"] == [PROMPT, "sks on a beach"]
 
-    assert runner.invoke(app, ["export", "--field", str(trained.field), "--image", str(trained.photo),
-                               "--out", str(tmp_path / "lora.safetensors")]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "export",
+                "--field",
+                str(trained.field),
+                "--image",
+                str(trained.photo),
+                "--out",
+                str(tmp_path / "lora.safetensors"),
+            ],
+        ).exit_code
+        == 0
+    )
     generated = png(tmp_path / "images" / "prompt00_image00.png")
     assert np.abs(reference_images(tmp_path / "lora.safetensors")[0] - generated).max() <= 1 / 255
     assert np.abs(reference_images(None)[0] - generated).max() > 2 / 255, "the LoRA must change the image"
 
 
 def test_strength_zero_is_the_base_model(trained, tmp_path):
-    assert generate(trained, tmp_path / "base", tmp_path / "cache", "--strength", "0", "--num-images", "2").exit_code == 0
+    assert (
+        generate(trained, tmp_path / "base", tmp_path / "cache", "--strength", "0", "--num-images", "2").exit_code == 0
+    )
     for i, expected in enumerate(reference_images(None, num_images=2)):
         assert np.abs(expected - png(tmp_path / "base" / f"prompt00_image{i:02d}.png")).max() <= 1 / 255
 
@@ -106,10 +143,32 @@ def test_field_folders_round_trip_through_save_field(trained, tmp_path):
 
 
 # The keys of a LoRA field's config.json, as field folders have them (older ones lack base_family and still load).
-RECORD_KEYS = {"format", "format_version", "base_model", "encoder", "train_encoder", "layout", "task", "targets",
-               "sdxl_layers_per_block", "rank", "alpha", "init_seed", "steps", "step_size", "update", "resolution",
-               "caption_template", "token", "field", "trained_steps", "heldout_recovered", "config", "versions",
-               "base_family"}
+RECORD_KEYS = {
+    "format",
+    "format_version",
+    "base_model",
+    "encoder",
+    "train_encoder",
+    "layout",
+    "task",
+    "targets",
+    "sdxl_layers_per_block",
+    "rank",
+    "alpha",
+    "init_seed",
+    "steps",
+    "step_size",
+    "update",
+    "resolution",
+    "caption_template",
+    "token",
+    "field",
+    "trained_steps",
+    "heldout_recovered",
+    "config",
+    "versions",
+    "base_family",
+}
 
 
 def test_a_lora_field_record_keeps_its_keys_and_reads_back_unchanged(trained):
@@ -168,8 +227,17 @@ def other_base_model(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", ["another base model", "step and strength", "strength above 1", "step above T",
-                                  "unreadable photo", "unwritable output"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "another base model",
+        "step and strength",
+        "strength above 1",
+        "step above T",
+        "unreadable photo",
+        "unwritable output",
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, case):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "not-a-photo.png").write_text("hello")

@@ -88,7 +88,8 @@ def test_library_code_never_imports_the_command_line():
 def test_only_the_command_line_imports_training():
     graph = import_graph()
     importers = {
-        name for name, targets in graph.items()
+        name
+        for name, targets in graph.items()
         if not name.startswith("hyperfields.training") and any(t.startswith("hyperfields.training") for t in targets)
     }
     assert "hyperfields.cli.train" in importers

@@ -46,13 +46,19 @@ def test_batched_forward_equals_a_per_sample_loop():
 def test_layout_init_and_theta0_are_the_classical_mlp():
     task = InrTask(InrConfig(hidden=16, layers=2, frequencies=8), resolution=8)
     layout = task.layout()
-    assert layout == {"hidden0.weight": (16, 16), "hidden0.bias": (16,), "hidden1.weight": (16, 16), "hidden1.bias": (16,),
-                      "output.weight": (3, 16), "output.bias": (3,)}
+    assert layout == {
+        "hidden0.weight": (16, 16),
+        "hidden0.bias": (16,),
+        "hidden1.weight": (16, 16),
+        "hidden1.bias": (16,),
+        "output.weight": (3, 16),
+        "output.bias": (3,),
+    }
     theta0 = task.initial_weights()
     again = InrTask(InrConfig(hidden=16, layers=2, frequencies=8), resolution=8).initial_weights()
     assert all(torch.equal(theta0[name], again[name]) for name in layout), "theta_0 is fixed by the seed"
     for name, w in theta0.items():
-        assert w.abs().max() <= 16 ** -0.5  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert w.abs().max() <= 16**-0.5  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         assert abs(task.init_std()[name] - (3 * 16) ** -0.5) < 1e-9
     assert isinstance(task, ImageFittingTask)
 
@@ -86,7 +92,9 @@ def test_heldout_reference_reports_psnr():
     objective = ObjectiveConfig(steps=60, step_size=0.3, update="sgd", noise_draws=1)
     reference = heldout_reference(task, images, [""] * 3, objective, draws=1, seed=0)
     assert reference.psnr_real > reference.psnr_theta0 + 3
-    assert abs(reference.psnr_theta0 - float(psnr_db(torch.tensor(reference.loss_theta0)))) < 3  # mean of PSNRs vs PSNR of mean
+    assert (
+        abs(reference.psnr_theta0 - float(psnr_db(torch.tensor(reference.loss_theta0)))) < 3
+    )  # mean of PSNRs vs PSNR of mean
 
 
 def test_train_command_fits_crops_with_the_inr_config(tmp_path):
@@ -100,12 +108,34 @@ def test_train_command_fits_crops_with_the_inr_config(tmp_path):
     for i, image in enumerate(smooth_images(6, 16, seed=4)):
         pixels = ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(tmp_path / f"crop{i}.png")
-    result = CliRunner().invoke(app, [
-        "train", "--config", "configs/inr.yaml", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
-        "--max-steps", "120", "--set", "train.heldout=1", "--set", "objective.steps=10",
-        "--set", "train.warmup_steps=1", "--set", "train.learning_rate=0.003",
-        "--set", "train.batch_size=4", "--set", "field.width=32", "--set", "field.depth=1",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "configs/inr.yaml",
+            "--data",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "120",
+            "--set",
+            "train.heldout=1",
+            "--set",
+            "objective.steps=10",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "train.learning_rate=0.003",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "field.width=32",
+            "--set",
+            "field.depth=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "held-out PSNR" in result.output
     field, record = load_field(tmp_path / "run" / "field")

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from hyperfields.errors import UserError
-from hyperfields.lora.batched import BatchedLora, BatchedLoraLinear
 from hyperfields.lora import DEFAULT_TARGETS
+from hyperfields.lora.batched import BatchedLora, BatchedLoraLinear
 from hyperfields.lora.targets import find_lora_targets, lora_layout
 
 diffusers = pytest.importorskip("diffusers")

@@ -8,8 +8,8 @@ import torch
 from hyperfields.config import LoraConfig, ObjectiveConfig
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
-from hyperfields.objectives import gradient_matching_loss, task_gradients
 from hyperfields.models import load_encoder, load_pipeline_components
+from hyperfields.objectives import gradient_matching_loss, task_gradients
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 
 
@@ -62,12 +62,28 @@ def test_each_sample_loss_and_gradient_depend_only_on_its_own_weights(task):
 def test_no_dead_init_every_head_gets_a_gradient_at_t0(task):
     encoder_model, norm = load_encoder("tiny")
     torch.manual_seed(0)
-    field = HyperField(ImageEncoder(encoder_model, norm), task.layout(), task.initial_weights(), task.init_std(),
-                       steps=10, width=32, depth=1, heads=4, output_gain=0.1)
+    field = HyperField(
+        ImageEncoder(encoder_model, norm),
+        task.layout(),
+        task.initial_weights(),
+        task.init_std(),
+        steps=10,
+        width=32,
+        depth=1,
+        heads=4,
+        output_gain=0.1,
+    )
     images, captions = batch(2)
     objective = ObjectiveConfig(steps=10, step_size=0.05, update="normalized", noise_draws=1)
-    stats = gradient_matching_loss(field, task, {"images": images}, task.prepare(images, captions),
-                                   torch.zeros(2, dtype=torch.long), objective, torch.Generator().manual_seed(0))
+    stats = gradient_matching_loss(
+        field,
+        task,
+        {"images": images},
+        task.prepare(images, captions),
+        torch.zeros(2, dtype=torch.long),
+        objective,
+        torch.Generator().manual_seed(0),
+    )
     stats.loss.backward()
     assert stats.step_norm > 0
     for key, head in field.heads.items():
@@ -76,7 +92,9 @@ def test_no_dead_init_every_head_gets_a_gradient_at_t0(task):
 
 def test_v_prediction_loss_matches_a_hand_computed_reference():
     parts = load_pipeline_components("tiny")
-    parts.noise_scheduler = type(parts.noise_scheduler).from_config(parts.noise_scheduler.config, prediction_type="v_prediction")
+    parts.noise_scheduler = type(parts.noise_scheduler).from_config(
+        parts.noise_scheduler.config, prediction_type="v_prediction"
+    )
     v_task = LoraDiffusionTask(parts, LoraConfig())
     images, captions = batch(2)
     inputs = v_task.prepare(images, captions)
@@ -87,7 +105,9 @@ def test_v_prediction_loss_matches_a_hand_computed_reference():
     scheduler = parts.noise_scheduler
     with torch.no_grad():  # theta_0 is the base model, so the plain UNet gives the reference prediction
         v_task.lora.clear()
-        prediction = parts.unet(scheduler.add_noise(inputs.latents, noise, timesteps), timesteps, inputs.text_embeddings).sample
+        prediction = parts.unet(
+            scheduler.add_noise(inputs.latents, noise, timesteps), timesteps, inputs.text_embeddings
+        ).sample
     target = scheduler.get_velocity(inputs.latents, noise, timesteps)
     reference = (prediction - target).pow(2).flatten(1).mean(dim=1)
     assert torch.allclose(loss, reference, atol=1e-6)

@@ -40,7 +40,7 @@ def photos(folder: Path, n: int) -> Path:
 
 
 def scan(folder: Path, output: Path, notes: list[str] | None = None):
-    warn = (notes.append if notes is not None else lambda message: None)
+    warn = notes.append if notes is not None else lambda message: None
     return scan_with_manifest(folder, output / MANIFEST_NAME, "a photo of {token}", "sks", None, warn)[0]
 
 
@@ -134,8 +134,16 @@ def test_other_processes_read_what_the_writer_decoded(tmp_path: Path, decodes: l
     reports: dict[str, object] = {}
 
     def process(writer: bool) -> None:
-        reports[str(writer)] = scan_with_manifest(folder, tmp_path / "run" / MANIFEST_NAME, "a photo of {token}", "sks",
-                                                  None, lambda message: None, writer=writer, barrier=barrier.wait)
+        reports[str(writer)] = scan_with_manifest(
+            folder,
+            tmp_path / "run" / MANIFEST_NAME,
+            "a photo of {token}",
+            "sks",
+            None,
+            lambda message: None,
+            writer=writer,
+            barrier=barrier.wait,
+        )
 
     reader = threading.Thread(target=process, args=(False,))
     reader.start()

@@ -8,7 +8,10 @@ import torch
 from hyperfields.config import ObjectiveConfig
 from hyperfields.field.model import HyperField
 from hyperfields.objectives import (
-    NonFiniteError, gradient_matching_loss, step_loss, update_direction,
+    NonFiniteError,
+    gradient_matching_loss,
+    step_loss,
+    update_direction,
 )
 from tests.conftest import QuadraticTask, tiny_vit_encoder
 
@@ -19,9 +22,20 @@ def colour_images(n: int, seed: int) -> torch.Tensor:
     return colours.expand(n, 3, 16, 16) + 0.05 * torch.randn(n, 3, 16, 16, generator=g)
 
 
-def train_on_quadratic(task: QuadraticTask, images: torch.Tensor, objective: ObjectiveConfig, iterations: int) -> HyperField:
+def train_on_quadratic(
+    task: QuadraticTask, images: torch.Tensor, objective: ObjectiveConfig, iterations: int
+) -> HyperField:
     torch.manual_seed(0)
-    field = HyperField(tiny_vit_encoder(), task.layout(), task.initial_weights(), task.init_std(), steps=objective.steps, width=64, depth=2, heads=4)
+    field = HyperField(
+        tiny_vit_encoder(),
+        task.layout(),
+        task.initial_weights(),
+        task.init_std(),
+        steps=objective.steps,
+        width=64,
+        depth=2,
+        heads=4,
+    )
     optimiser = torch.optim.AdamW([p for p in field.parameters() if p.requires_grad], lr=2e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=iterations, pct_start=0.1)
     inputs = task.prepare(images, [""] * len(images))
@@ -88,28 +102,47 @@ def test_step_loss_survives_a_tensor_with_zero_real_step():
 def test_nonfinite_task_gradient_stops_with_an_error(quadratic_task):
     objective = ObjectiveConfig(steps=20, step_size=0.1, update="sgd")
     images = colour_images(2, seed=0)
-    field = HyperField(tiny_vit_encoder(), quadratic_task.layout(), quadratic_task.initial_weights(), quadratic_task.init_std(), steps=20, width=32, depth=1, heads=4)
+    field = HyperField(
+        tiny_vit_encoder(),
+        quadratic_task.layout(),
+        quadratic_task.initial_weights(),
+        quadratic_task.init_std(),
+        steps=20,
+        width=32,
+        depth=1,
+        heads=4,
+    )
     inputs = quadratic_task.prepare(images, ["", ""])
     inputs["layer.bias"][0, 0] = float("nan")
     with pytest.raises(NonFiniteError):
-        gradient_matching_loss(field, quadratic_task, {"images": images}, inputs, torch.tensor([1, 2]), objective, torch.Generator())
+        gradient_matching_loss(
+            field, quadratic_task, {"images": images}, inputs, torch.tensor([1, 2]), objective, torch.Generator()
+        )
 
 
 def test_end_weight_adds_the_task_loss_at_T_relative_to_theta0(quadratic_task):
     images = colour_images(3, seed=2)
     inputs = quadratic_task.prepare(images, [""] * 3)
     torch.manual_seed(0)
-    field = HyperField(tiny_vit_encoder(), quadratic_task.layout(), quadratic_task.initial_weights(),
-                       quadratic_task.init_std(), steps=10, width=32, depth=1, heads=4)
+    field = HyperField(
+        tiny_vit_encoder(),
+        quadratic_task.layout(),
+        quadratic_task.initial_weights(),
+        quadratic_task.init_std(),
+        steps=10,
+        width=32,
+        depth=1,
+        heads=4,
+    )
     t = torch.tensor([0, 4, 8])
     losses = {}
     for weight in (0.0, 2.0):
         objective = ObjectiveConfig(steps=10, step_size=0.1, update="sgd", noise_draws=1, end_weight=weight)
-        losses[weight] = gradient_matching_loss(field, quadratic_task, {"images": images}, inputs, t, objective,
-                                                torch.Generator().manual_seed(0)).loss
+        losses[weight] = gradient_matching_loss(
+            field, quadratic_task, {"images": images}, inputs, t, objective, torch.Generator().manual_seed(0)
+        ).loss
     with torch.no_grad():
         at_T = field(t=10, images=images)
         theta0 = {name: w.expand(3, *w.shape) for name, w in quadratic_task.initial_weights().items()}
         relative = quadratic_task.loss(at_T, inputs, 1, None) / quadratic_task.loss(theta0, inputs, 1, None)
     torch.testing.assert_close(losses[2.0] - losses[0.0], 2.0 * relative.mean())
-

@@ -55,12 +55,24 @@ def modelspec(header: dict[str, str]) -> dict[str, str]:
 # scheduler/scheduler_config.json on the hub), and what sd-scripts calls each.
 PUBLISHED_BASES = {
     "runwayml/stable-diffusion-v1-5": ({"cross_attention_dim": 768}, "epsilon", "sd_v1", "stable-diffusion-v1/lora"),
-    "stabilityai/stable-diffusion-2-1-base": ({"cross_attention_dim": 1024}, "epsilon", "sd_v2",
-                                              "stable-diffusion-v2-512/lora"),
-    "stabilityai/stable-diffusion-2-1": ({"cross_attention_dim": 1024}, "v_prediction", "sd_v2_v",
-                                         "stable-diffusion-v2-768-v/lora"),
-    "stabilityai/stable-diffusion-xl-base-1.0": ({"cross_attention_dim": 2048, "addition_embed_type": "text_time"},
-                                                 "epsilon", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "stabilityai/stable-diffusion-2-1-base": (
+        {"cross_attention_dim": 1024},
+        "epsilon",
+        "sd_v2",
+        "stable-diffusion-v2-512/lora",
+    ),
+    "stabilityai/stable-diffusion-2-1": (
+        {"cross_attention_dim": 1024},
+        "v_prediction",
+        "sd_v2_v",
+        "stable-diffusion-v2-768-v/lora",
+    ),
+    "stabilityai/stable-diffusion-xl-base-1.0": (
+        {"cross_attention_dim": 2048, "addition_embed_type": "text_time"},
+        "epsilon",
+        "sdxl_base_v1-0",
+        "stable-diffusion-xl-v1-base/lora",
+    ),
 }
 
 
@@ -86,10 +98,14 @@ def write_tiny_sd2(folder: Path) -> None:
     text_config = tiny.text_encoder.config
     text_config.hidden_size = 1024
     sd2 = StableDiffusionPipeline(
-        vae=tiny.vae, text_encoder=CLIPTextModel(text_config), tokenizer=tiny.tokenizer,
+        vae=tiny.vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tiny.tokenizer,
         unet=UNet2DConditionModel.from_config(tiny.unet.config, cross_attention_dim=1024),
         scheduler=DDPMScheduler.from_config(tiny.scheduler.config, prediction_type="v_prediction"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     sd2.save_pretrained(folder)
 
@@ -104,8 +120,21 @@ def sd2(tmp_path_factory) -> TinyField:
     rng = np.random.default_rng(1)
     for i in range(2):
         Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"p{i}.png")
-    result = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(photos),
-                                 "--output", str(root / "run"), "--base-model", str(root / "base"), *OVERRIDES])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--data",
+            str(photos),
+            "--output",
+            str(root / "run"),
+            "--base-model",
+            str(root / "base"),
+            *OVERRIDES,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return TinyField(field=root / "run" / "field", photos=photos, photo=photos / "p0.png")
 

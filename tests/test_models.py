@@ -144,8 +144,12 @@ def test_full_clip_model_gives_its_vision_tower_and_crop_size(tmp_path: Path) ->
     config = CLIPConfig(
         text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4},
         vision_config={
-            "hidden_size": 48, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "image_size": 32, "patch_size": 8,
+            "hidden_size": 48,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
         },
         projection_dim=16,
     )

@@ -38,8 +38,21 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def precomputed(photos, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("run") / "precomputed"
-    result = runner.invoke(app, ["precompute", "--config", "configs/inr.yaml", "--data", str(photos), "--output", str(output),
-                                 "--batch-size", "2", *SMALL])
+    result = runner.invoke(
+        app,
+        [
+            "precompute",
+            "--config",
+            "configs/inr.yaml",
+            "--data",
+            str(photos),
+            "--output",
+            str(output),
+            "--batch-size",
+            "2",
+            *SMALL,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return output
 
@@ -66,12 +79,34 @@ def test_precompute_writes_theta_T_of_every_training_image(photos, precomputed):
 
 def test_supervised_training_through_the_cli_fits_theta_T(photos, precomputed, tmp_path):
     output = tmp_path / "supervised"
-    result = runner.invoke(app, ["train", "--config", "configs/inr.yaml", "--data", str(photos), "--output", str(output),
-                                 "--max-steps", "100", *SMALL, "--set", "train.batch_size=5", "--set", "train.warmup_steps=5",
-                                 "--set", "objective.kind=supervised", "--set", f"objective.precomputed={precomputed}"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "configs/inr.yaml",
+            "--data",
+            str(photos),
+            "--output",
+            str(output),
+            "--max-steps",
+            "100",
+            *SMALL,
+            "--set",
+            "train.batch_size=5",
+            "--set",
+            "train.warmup_steps=5",
+            "--set",
+            "objective.kind=supervised",
+            "--set",
+            f"objective.precomputed={precomputed}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "PSNR" in result.output
-    assert "objective.end_weight=300 is part of gradient matching" in " ".join(result.output.split())  # not silently dropped
+    assert "objective.end_weight=300 is part of gradient matching" in " ".join(
+        result.output.split()
+    )  # not silently dropped
     field, record = load_field(output / "field")
     index = json.loads((precomputed / "index.json").read_text())
     tensors = load_file(str(precomputed / "theta_T.safetensors"))
@@ -84,15 +119,36 @@ def test_supervised_training_through_the_cli_fits_theta_T(photos, precomputed, t
     assert loss.item() < 0.5, loss.item()
 
 
-@pytest.mark.parametrize("extra, expected", [
-    ([], "objective.precomputed"),
-    (["--set", "objective.precomputed={folder}", "--set", "objective.steps=30"], "T=20"),
-    (["--set", "objective.precomputed={folder}", "--set", "inr.init_seed=1"], "theta_0"),
-])
-def test_supervised_training_with_missing_or_mismatched_weights_is_exit_code_2(photos, precomputed, tmp_path, extra, expected):
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], "objective.precomputed"),
+        (["--set", "objective.precomputed={folder}", "--set", "objective.steps=30"], "T=20"),
+        (["--set", "objective.precomputed={folder}", "--set", "inr.init_seed=1"], "theta_0"),
+    ],
+)
+def test_supervised_training_with_missing_or_mismatched_weights_is_exit_code_2(
+    photos, precomputed, tmp_path, extra, expected
+):
     extra = [value.format(folder=precomputed) for value in extra]
-    result = runner.invoke(app, ["train", "--config", "configs/inr.yaml", "--data", str(photos), "--output", str(tmp_path / "o"),
-                                 "--max-steps", "1", *SMALL, "--set", "objective.kind=supervised", *extra])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "configs/inr.yaml",
+            "--data",
+            str(photos),
+            "--output",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "1",
+            *SMALL,
+            "--set",
+            "objective.kind=supervised",
+            *extra,
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert expected in result.output and clean_exit(result)
 
@@ -109,13 +165,32 @@ def point_a_row_past_the_end(folder: Path) -> None:
     (folder / "index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("tamper, expected", [(drop_one_tensor, "should have shape"), (point_a_row_past_the_end, '"images" map')])
+@pytest.mark.parametrize(
+    "tamper, expected", [(drop_one_tensor, "should have shape"), (point_a_row_past_the_end, '"images" map')]
+)
 def test_tampered_precomputed_weights_are_exit_code_2(photos, precomputed, tmp_path, tamper, expected):
     tampered = tmp_path / "tampered"
     shutil.copytree(precomputed, tampered)
     tamper(tampered)
-    result = runner.invoke(app, ["train", "--config", "configs/inr.yaml", "--data", str(photos), "--output", str(tmp_path / "o"),
-                                 "--max-steps", "1", *SMALL, "--set", "objective.kind=supervised", "--set", f"objective.precomputed={tampered}"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "configs/inr.yaml",
+            "--data",
+            str(photos),
+            "--output",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "1",
+            *SMALL,
+            "--set",
+            "objective.kind=supervised",
+            "--set",
+            f"objective.precomputed={tampered}",
+        ],
+    )
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0] and str(tampered) in errors[0], result.output

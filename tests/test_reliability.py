@@ -29,8 +29,22 @@ from tests.conftest import clean_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-FAST = ["--set", "train.batch_size=2", "--set", "objective.steps=6", "--set", "train.heldout=1",
-        "--set", "train.eval_draws=2", "--set", "field.width=32", "--set", "field.depth=1", "--set", "train.warmup_steps=1"]
+FAST = [
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "objective.steps=6",
+    "--set",
+    "train.heldout=1",
+    "--set",
+    "train.eval_draws=2",
+    "--set",
+    "field.width=32",
+    "--set",
+    "field.depth=1",
+    "--set",
+    "train.warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +57,17 @@ def photos(tmp_path_factory) -> Path:
 
 
 def train_args(photos: Path, output: Path, *extra: str) -> list[str]:
-    return ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(photos), "--output", str(output), *FAST, *extra]
+    return [
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--data",
+        str(photos),
+        "--output",
+        str(output),
+        *FAST,
+        *extra,
+    ]
 
 
 def field_tensors(output: Path) -> dict[str, torch.Tensor]:
@@ -76,11 +100,19 @@ def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_f
 
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # same thread count as this process: same float sums
-    process = subprocess.run([sys.executable, "-c", KILLED_WHILE_CHECKPOINTING, *train_args(photos, killed, *steps)],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    process = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_CHECKPOINTING, *train_args(photos, killed, *steps)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=600,
+    )
     assert process.returncode == -signal.SIGKILL
     checkpoints = killed / "checkpoints"
-    assert (checkpoints / ".tmp-checkpoint-6" / "model.safetensors").is_file(), "killed half-way through writing checkpoint-6"
+    assert (checkpoints / ".tmp-checkpoint-6" / "model.safetensors").is_file(), (
+        "killed half-way through writing checkpoint-6"
+    )
     assert not (checkpoints / "checkpoint-6").exists() and not (killed / "field").exists()
 
     result = runner.invoke(app, train_args(photos, killed, *steps, "--resume", "latest"))
@@ -128,7 +160,9 @@ def make_hostile_corpus(folder: Path) -> dict[str, str]:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
-    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    (folder / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     bad["bomb.png"] = "too large"
     return bad
 
@@ -142,7 +176,7 @@ def test_hostile_folder_trains_and_names_every_skipped_file(tmp_path):
         lines = [line for line in result.output.splitlines() if name in line and "skipping" in line]
         assert len(lines) == 1, f"{name}: {lines}"
         assert word in lines[0]
-    assert f"10 usable images" in result.output and f"{len(bad)} skipped" in result.output
+    assert "10 usable images" in result.output and f"{len(bad)} skipped" in result.output
     assert "not valid UTF-8" in result.output
     assert (tmp_path / "run" / "field" / "model.safetensors").is_file()
 
@@ -161,10 +195,19 @@ def poison_step_3(monkeypatch, owner: object, name: str, poison) -> None:
 
 NONFINITE = {
     "task loss": (LoraDiffusionTask, "loss", lambda loss: loss * float("nan"), "non-finite task loss"),
-    "field output": (HyperField, "forward", lambda weights: {k: w * float("inf") for k, w in weights.items()}, "non-finite field output"),
+    "field output": (
+        HyperField,
+        "forward",
+        lambda weights: {k: w * float("inf") for k, w in weights.items()},
+        "non-finite field output",
+    ),
     # sqrt'(0) * 0 = inf * 0: the loss stays finite, its gradient is NaN.
-    "field gradient": (objectives, "gradient_matching_loss", lambda stats: replace(stats, loss=stats.loss + (stats.loss * 0).sqrt()),
-                       "non-finite gradient of the field"),
+    "field gradient": (
+        objectives,
+        "gradient_matching_loss",
+        lambda stats: replace(stats, loss=stats.loss + (stats.loss * 0).sqrt()),
+        "non-finite gradient of the field",
+    ),
 }
 
 
@@ -185,7 +228,9 @@ def test_skip_nonfinite_skips_the_step_and_says_so(photos, tmp_path, monkeypatch
     poison_step_3(monkeypatch, owner, name, poison)
     result = runner.invoke(app, train_args(photos, tmp_path / "skip", "--max-steps", "4", "--skip-nonfinite", "1"))
     assert result.exit_code == 0, result.output
-    assert "step 3: non-finite task loss" in result.output and "skipped 1 step(s) with non-finite values" in result.output
+    assert (
+        "step 3: non-finite task loss" in result.output and "skipped 1 step(s) with non-finite values" in result.output
+    )
     assert (tmp_path / "skip" / "field" / "model.safetensors").is_file()
 
 
@@ -196,7 +241,7 @@ def test_truncated_or_tampered_field_weights_are_a_clear_error(photos, tmp_path)
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or not safetensors"):
         load_field(tmp_path / "run" / "field")
-    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": [1, 2, 3]}")
+    weights.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": [1, 2, 3]}')
     with pytest.raises(UserError, match="model.safetensors"):
         load_field(tmp_path / "run" / "field")
     tampered = load(data)  # well-formed safetensors, one tensor of another shape
@@ -224,8 +269,20 @@ def test_edited_field_config_or_missing_field_path_is_a_clear_error(photos, tmp_
     with pytest.raises(UserError, match="does not know.*upgrade hyperfields"):
         load_field(tmp_path / "run" / "field")
     # A path that is not a hub id ('owner/name') is not looked up on the hub.
-    result = runner.invoke(app, ["export", "--field", str(tmp_path / "no" / "field"), "--image", str(next(photos.iterdir())),
-                                 "--format", "kohya", "--out", str(tmp_path / "x.safetensors")])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--field",
+            str(tmp_path / "no" / "field"),
+            "--image",
+            str(next(photos.iterdir())),
+            "--format",
+            "kohya",
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
     assert result.exit_code == 2 and "no such folder" in result.output and "hub" not in result.output, result.output
 
 
@@ -244,13 +301,17 @@ def test_truncated_or_pickle_planted_checkpoint_is_a_clear_error_on_resume(photo
     assert runner.invoke(app, train_args(photos, run, "--max-steps", "2", "--checkpoint-every", "1")).exit_code == 0
     model = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])
-    result = runner.invoke(app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-2")))
+    result = runner.invoke(
+        app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-2"))
+    )
     assert result.exit_code == 2 and "checkpoint-2" in result.output and clean_exit(result)
 
     # accelerate's optimizer.bin is a pickle loaded with weights_only=True: code planted in it is refused, never run.
     marker = tmp_path / "code-ran"
     torch.save({"state": Payload(marker)}, run / "checkpoints" / "checkpoint-1" / "optimizer.bin")
-    result = runner.invoke(app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-1")))
+    result = runner.invoke(
+        app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-1"))
+    )
     assert result.exit_code == 2 and "checkpoint-1" in result.output, result.output
     assert not marker.exists()
 
@@ -275,7 +336,9 @@ def test_disk_full_while_writing_the_field_leaves_nothing_under_its_name(photos,
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".field")]
 
 
-def test_disk_full_while_writing_a_checkpoint_stops_with_one_line_and_no_checkpoint_under_its_name(photos, tmp_path, monkeypatch):
+def test_disk_full_while_writing_a_checkpoint_stops_with_one_line_and_no_checkpoint_under_its_name(
+    photos, tmp_path, monkeypatch
+):
     import accelerate.checkpointing
 
     real_save = accelerate.checkpointing.save
@@ -288,7 +351,9 @@ def test_disk_full_while_writing_a_checkpoint_stops_with_one_line_and_no_checkpo
     monkeypatch.setattr(accelerate.checkpointing, "save", disk_full_after_the_model)
     result = runner.invoke(app, train_args(photos, tmp_path / "run", "--max-steps", "2", "--checkpoint-every", "1"))
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 1 and len(errors) == 1 and "No space left" in errors[0] and "checkpoint-1" in errors[0], result.output
+    assert (
+        result.exit_code == 1 and len(errors) == 1 and "No space left" in errors[0] and "checkpoint-1" in errors[0]
+    ), result.output
     assert not list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
 
 
@@ -296,8 +361,9 @@ def test_disk_full_while_writing_a_checkpoint_stops_with_one_line_and_no_checkpo
 def run_with_ema(photos, tmp_path_factory) -> Path:
     """A finished 2-step run with a checkpoint at every step and an EMA copy: every kind of file a run writes."""
     run = tmp_path_factory.mktemp("pickle") / "run"
-    result = runner.invoke(app, train_args(photos, run, "--max-steps", "2", "--checkpoint-every", "1",
-                                           "--set", "train.ema_decay=0.9"))
+    result = runner.invoke(
+        app, train_args(photos, run, "--max-steps", "2", "--checkpoint-every", "1", "--set", "train.ema_decay=0.9")
+    )
     assert result.exit_code == 0, result.output
     assert (run / "checkpoints" / "checkpoint-2" / "ema.safetensors").is_file()
     return run

@@ -42,8 +42,14 @@ def test_pairs_are_spread_as_independent_draws_would_be():
 def test_streams_depend_on_every_number_and_on_nothing_else():
     base = stream_seed(0, "noise", step=5, process=1, index=2)
     assert base == stream_seed(0, "noise", step=5, process=1, index=2)  # a resumed run draws the same
-    others = {stream_seed(1, "noise", 5, 1, 2), stream_seed(0, "steps", 5, 1, 2), stream_seed(0, "noise", 6, 1, 2),
-              stream_seed(0, "noise", 5, 0, 2), stream_seed(0, "noise", 5, 1, 3), stream_seed(0, "noise", 2, 1, 5)}
+    others = {
+        stream_seed(1, "noise", 5, 1, 2),
+        stream_seed(0, "steps", 5, 1, 2),
+        stream_seed(0, "noise", 6, 1, 2),
+        stream_seed(0, "noise", 5, 0, 2),
+        stream_seed(0, "noise", 5, 1, 3),
+        stream_seed(0, "noise", 2, 1, 5),
+    }
     assert base not in others and len(others) == 6
     assert torch.equal(torch.rand(5, generator=stream(0, "picks")), torch.rand(5, generator=stream(0, "picks")))
 
@@ -69,8 +75,9 @@ def test_end_loss_scores_theta0_and_psi_on_the_same_draws():
     moved = {name: w + 0.3 for name, w in theta0.items()}
     clean = QuadraticTask.loss(task, moved, inputs, 1, None) / QuadraticTask.loss(task, theta0, inputs, 1, None)
     for seed in range(3):
-        torch.testing.assert_close(end_loss(task, moved, inputs, objective, torch.Generator().manual_seed(seed)),
-                                   clean.mean())
+        torch.testing.assert_close(
+            end_loss(task, moved, inputs, objective, torch.Generator().manual_seed(seed)), clean.mean()
+        )
 
 
 def test_direct_objective_trains_psi_at_T_end_to_end():
@@ -79,8 +86,9 @@ def test_direct_objective_trains_psi_at_T_end_to_end():
     inputs = task.prepare(images, [""] * 4)
     objective = ObjectiveConfig(kind="direct", steps=10, noise_draws=1)
     torch.manual_seed(0)
-    field = HyperField(tiny_vit_encoder(), task.layout(), task.initial_weights(), task.init_std(), steps=10,
-                       width=32, depth=1, heads=4)
+    field = HyperField(
+        tiny_vit_encoder(), task.layout(), task.initial_weights(), task.init_std(), steps=10, width=32, depth=1, heads=4
+    )
     tokens = field.encoder(images).detach()
     with torch.no_grad():
         at_T = task.loss(field(t=10, encoder_tokens=tokens), inputs, 1, None).mean()
@@ -104,5 +112,6 @@ def test_hinge_is_zero_when_the_field_step_is_as_good_as_the_real_one():
     # Worse than the real update: the excess in log loss, whatever the noise factor of the draws.
     worse = {name: inputs[name] + 2 * (w - inputs[name]) for name, w in target.items()}
     clean = QuadraticTask.loss(task, worse, inputs, 1, None) / QuadraticTask.loss(task, target, inputs, 1, None)
-    torch.testing.assert_close(hinge_loss(task, worse, target, inputs, objective, torch.Generator().manual_seed(1)),
-                               clean.log().mean())
+    torch.testing.assert_close(
+        hinge_loss(task, worse, target, inputs, objective, torch.Generator().manual_seed(1)), clean.log().mean()
+    )

@@ -18,8 +18,22 @@ from hyperfields.field.io import load_field
 from tests.conftest import clean_exit
 
 runner = CliRunner()
-FAST = ["--set", "train.batch_size=2", "--set", "objective.steps=6", "--set", "train.heldout=1",
-        "--set", "train.eval_draws=2", "--set", "field.width=32", "--set", "field.depth=1", "--set", "train.warmup_steps=1"]
+FAST = [
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "objective.steps=6",
+    "--set",
+    "train.heldout=1",
+    "--set",
+    "train.eval_draws=2",
+    "--set",
+    "field.width=32",
+    "--set",
+    "field.depth=1",
+    "--set",
+    "train.warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +48,9 @@ def photos(tmp_path_factory) -> Path:
 
 
 def run_train(photos: Path, output: Path, *extra: str):
-    return runner.invoke(app, ["train", "--config", "configs/tiny.yaml", "--data", str(photos), "--output", str(output), *FAST, *extra])
+    return runner.invoke(
+        app, ["train", "--config", "configs/tiny.yaml", "--data", str(photos), "--output", str(output), *FAST, *extra]
+    )
 
 
 def field_tensors(output: Path) -> dict[str, torch.Tensor]:
@@ -75,13 +91,16 @@ def test_resume_after_a_crash_restores_the_step_counter_and_matches_an_uninterru
         assert torch.allclose(uninterrupted[name], after[name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--set", "train.nonsense=1"], "unknown config key 'train.nonsense'"),
-    (["--set", "objective.update=adam"], "objective.update"),
-    (["--set", "train.batch_size=zero"], "train.batch_size"),
-    (["--set", "train.batch_size=0"], "must be positive"),
-    (["--resume", "latest"], "no complete checkpoint"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--set", "train.nonsense=1"], "unknown config key 'train.nonsense'"),
+        (["--set", "objective.update=adam"], "objective.update"),
+        (["--set", "train.batch_size=zero"], "train.batch_size"),
+        (["--set", "train.batch_size=0"], "must be positive"),
+        (["--resume", "latest"], "no complete checkpoint"),
+    ],
+)
 def test_bad_configuration_is_one_line_and_exit_code_2(photos, tmp_path, extra, expected):
     result = run_train(photos, tmp_path / "run", "--max-steps", "1", *extra)
     assert result.exit_code == 2
@@ -146,8 +165,18 @@ def test_objective_options_change_what_is_trained(photos, tmp_path, reference_fi
 def test_ema_field_is_the_moving_average_not_the_last_weights(photos, tmp_path):
     decay = 0.5
     run = tmp_path / "run"
-    result = run_train(photos, run, "--max-steps", "2", "--checkpoint-every", "1",
-                       "--set", "train.checkpoints_limit=0", "--set", f"train.ema_decay={decay}")
+    result = run_train(
+        photos,
+        run,
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--set",
+        "train.checkpoints_limit=0",
+        "--set",
+        f"train.ema_decay={decay}",
+    )
     assert result.exit_code == 0, result.output
     field, _ = load_field(run / "field")
     trained = [name for name, p in field.named_parameters() if p.requires_grad]  # the EMA's order
@@ -173,6 +202,7 @@ def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tm
     crops.mkdir()
     for i in range(4):
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(crops / f"c{i}.png")
+
     # The same conditions and step t either way: images 0-3 in order, t = 3; the inr loss with every pixel has
     # no noise. Only the accumulation differs.
     def draws_in_order(seed, step, process, micro, images, batch, last_t):
@@ -182,13 +212,40 @@ def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tm
     fields = {}
     for batch, accumulation in ((4, 1), (2, 2)):
         output = tmp_path / f"run-{batch}x{accumulation}"
-        result = runner.invoke(app, [
-            "train", "--config", "configs/inr.yaml", "--data", str(crops), "--output", str(output), "--max-steps", "2",
-            "--checkpoint-every", "1", "--set", "train.heldout=0", "--set", "objective.steps=10",
-            "--set", "objective.end_weight=0", "--set", "objective.loss=relative_mse", "--set", "field.width=32", "--set", "field.depth=1",
-            "--set", "train.warmup_steps=1", "--set", f"train.batch_size={batch}",
-            "--set", f"train.gradient_accumulation={accumulation}",
-        ])
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "--config",
+                "configs/inr.yaml",
+                "--data",
+                str(crops),
+                "--output",
+                str(output),
+                "--max-steps",
+                "2",
+                "--checkpoint-every",
+                "1",
+                "--set",
+                "train.heldout=0",
+                "--set",
+                "objective.steps=10",
+                "--set",
+                "objective.end_weight=0",
+                "--set",
+                "objective.loss=relative_mse",
+                "--set",
+                "field.width=32",
+                "--set",
+                "field.depth=1",
+                "--set",
+                "train.warmup_steps=1",
+                "--set",
+                f"train.batch_size={batch}",
+                "--set",
+                f"train.gradient_accumulation={accumulation}",
+            ],
+        )
         assert result.exit_code == 0, result.output
         fields[accumulation] = field_tensors(output)
     checkpoints = tmp_path / "run-4x1" / "checkpoints"
@@ -199,7 +256,16 @@ def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tm
 
 
 def test_trained_encoder_is_saved_with_the_field(photos, tmp_path):
-    result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", "model.train_encoder=true", "--set", "train.learning_rate=0.01")
+    result = run_train(
+        photos,
+        tmp_path / "run",
+        "--max-steps",
+        "2",
+        "--set",
+        "model.train_encoder=true",
+        "--set",
+        "train.learning_rate=0.01",
+    )
     assert result.exit_code == 0, result.output
     saved = field_tensors(tmp_path / "run")
     encoder_keys = [k for k in saved if k.startswith("encoder.")]

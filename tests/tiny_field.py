@@ -13,9 +13,26 @@ from hyperfields.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 # alpha = 8 with rank 4: a loader that assumed alpha = r would give a different image and different fused weights.
-OVERRIDES = ["--set", "train.batch_size=2", "--set", "objective.steps=6", "--set", "train.heldout=0",
-             "--set", "field.width=32", "--set", "field.depth=1", "--set", "train.warmup_steps=1",
-             "--set", "lora.rank=4", "--set", "lora.alpha=8", "--max-steps", "1"]
+OVERRIDES = [
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "objective.steps=6",
+    "--set",
+    "train.heldout=0",
+    "--set",
+    "field.width=32",
+    "--set",
+    "field.depth=1",
+    "--set",
+    "train.warmup_steps=1",
+    "--set",
+    "lora.rank=4",
+    "--set",
+    "lora.alpha=8",
+    "--max-steps",
+    "1",
+]
 
 
 @dataclass
@@ -36,7 +53,18 @@ def tiny_field(tmp_path_factory) -> TinyField:
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray((rng.random((48, 56, 3)) * 255).astype(np.uint8)).save(photos / f"p{i}.png")
-    result = CliRunner().invoke(app, ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--images", str(photos),
-                                      "--output", str(root / "run"), *OVERRIDES])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--images",
+            str(photos),
+            "--output",
+            str(root / "run"),
+            *OVERRIDES,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return trained

@@ -19,9 +19,15 @@ from hyperfields.cli.common import (
 )
 from hyperfields.config import load_config
 
-OutputOption = Annotated[Path, typer.Option(
-    "--output", "-o", help="Run folder of the training run (its scan manifest is shared); the cache goes to "
-                           "train.cache_dir, by default OUTPUT/cache.")]
+OutputOption = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Run folder of the training run (its scan manifest is shared); the cache goes to "
+        "train.cache_dir, by default OUTPUT/cache.",
+    ),
+]
 
 cache_app = typer.Typer(help="The on-disk cache of training conditions (train.cache=disk).", no_args_is_help=True)
 
@@ -56,5 +62,7 @@ def build_command(
 
     built = build_cache(cfg, images, output, batch_size, progress)
     if built.main_process:
-            typer.echo(f"cache '{built.folder}' holds the conditions of all {built.images} training images "
-                       f"(built by {built.processes} process(es)); train with --set train.cache=disk")
+        typer.echo(
+            f"cache '{built.folder}' holds the conditions of all {built.images} training images "
+            f"(built by {built.processes} process(es)); train with --set train.cache=disk"
+        )

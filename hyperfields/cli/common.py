@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -17,17 +18,51 @@ from hyperfields.lora import LoraFormat
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ConfigOption = Annotated[str | None, typer.Option("--config", "-c", help=(
-    f"YAML config file, or the name of a shipped preset ({', '.join(presets())}); built-in defaults where a key is absent."))]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override one config key, e.g. --set train.max_steps=500. Repeatable.")]
-BaseModelOption = Annotated[str | None, typer.Option("--base-model", help="diffusers Stable Diffusion folder or hub id; 'tiny' = built-in test model.")]
-EncoderOption = Annotated[str | None, typer.Option("--encoder", help="transformers vision model folder or hub id (ViT, CLIP, DINOv2); 'tiny' = built-in.")]
-FieldOption = Annotated[str, typer.Option("--field", "-f", help="Field folder (the field/ written by 'hyperfields train') or hub model id.")]
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help=(
+            f"YAML config file, or the name of a shipped preset ({', '.join(presets())}); "
+            "built-in defaults where a key is absent."
+        ),
+    ),
+]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one config key, e.g. --set train.max_steps=500. Repeatable.")
+]
+BaseModelOption = Annotated[
+    str | None,
+    typer.Option("--base-model", help="diffusers Stable Diffusion folder or hub id; 'tiny' = built-in test model."),
+]
+EncoderOption = Annotated[
+    str | None,
+    typer.Option(
+        "--encoder", help="transformers vision model folder or hub id (ViT, CLIP, DINOv2); 'tiny' = built-in."
+    ),
+]
+FieldOption = Annotated[
+    str, typer.Option("--field", "-f", help="Field folder (the field/ written by 'hyperfields train') or hub model id.")
+]
 PhotoOption = Annotated[Path, typer.Option("--image", "-i", help="The subject's photo (jpg, png, webp, bmp).")]
-StepOption = Annotated[float | None, typer.Option("--step", help="Trajectory step t in [0, T] to predict; default T, the end of the trajectory.")]
-LoraFormatOption = Annotated[LoraFormat, typer.Option("--format", help="LoRA file format: diffusers (pipe.load_lora_weights) or kohya (A1111, ComfyUI).")]
-TrainingImagesOption = Annotated[Path | None, typer.Option("--images", help=(
-    "Folder of training photos (searched recursively; captions from <name>.txt or metadata.jsonl). Required."))]
+StepOption = Annotated[
+    float | None,
+    typer.Option("--step", help="Trajectory step t in [0, T] to predict; default T, the end of the trajectory."),
+]
+LoraFormatOption = Annotated[
+    LoraFormat,
+    typer.Option("--format", help="LoRA file format: diffusers (pipe.load_lora_weights) or kohya (A1111, ComfyUI)."),
+]
+TrainingImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        help=(
+            "Folder of training photos (searched recursively; captions from <name>.txt or metadata.jsonl). Required."
+        ),
+    ),
+]
 
 # Former names, accepted for one release: hidden from --help, resolved by `renamed`, which prints the note.
 FormerOutOption = Annotated[Path | None, typer.Option("--out", hidden=True)]
@@ -78,8 +113,9 @@ def show_version(value: bool) -> None:
         raise typer.Exit()
 
 
-VersionOption = Annotated[bool, typer.Option(
-    "--version", callback=show_version, is_eager=True, help="Print the version and exit.")]
+VersionOption = Annotated[
+    bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")
+]
 
 
 def refuse_lora_options(ctx: typer.Context, task: str, names: list[str]) -> None:

@@ -19,8 +19,12 @@ from hyperfields.cli.common import (
 from hyperfields.errors import UserError
 from hyperfields.lora import LoraPrecision
 
-PrecisionOption = Annotated[LoraPrecision, typer.Option(
-    "--precision", help="Number type of the stored weights: fp16 (as shared LoRAs are; half of fp32), bf16 or fp32.")]
+PrecisionOption = Annotated[
+    LoraPrecision,
+    typer.Option(
+        "--precision", help="Number type of the stored weights: fp16 (as shared LoRAs are; half of fp32), bf16 or fp32."
+    ),
+]
 
 ImagesOption = Annotated[Path | None, typer.Option("--images", help="A folder of photos: one file per photo.")]
 
@@ -29,8 +33,14 @@ ImagesOption = Annotated[Path | None, typer.Option("--images", help="A folder of
 def export_command(
     ctx: typer.Context,
     field: FieldOption,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help=(
-        "The .safetensors file to write; with --images, a folder (one file per photo). Required."))] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help=("The .safetensors file to write; with --images, a folder (one file per photo). Required."),
+        ),
+    ] = None,
     image: Annotated[Path | None, typer.Option("--image", "-i", help="The subject's photo.")] = None,
     images: ImagesOption = None,
     format: LoraFormatOption = "diffusers",
@@ -52,8 +62,9 @@ def export_command(
     if image is not None:
         written = [export_photo(loaded, record, image, output, t, format, precision)]
     else:
-        written = export_folder(loaded, record, images, output, t, format, precision,
-                                warn=lambda message: typer.echo(message, err=True))
+        written = export_folder(
+            loaded, record, images, output, t, format, precision, warn=lambda message: typer.echo(message, err=True)
+        )
     kind = f"{format} {precision} LoRA" if record.task == "lora" else f"{record.task} weights"
     what = f"{kind} '{written[0]}'" if image is not None else f"{len(written)} {kind} files to '{output}'"
     typer.echo(f"wrote {what} (t = {t:g} of T = {record.steps})")

@@ -19,12 +19,19 @@ from hyperfields.cli.common import (
 )
 from hyperfields.errors import UserError
 
-OutputOption = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Folder for the PNGs, contact sheet and generation.json. Required.")]
+OutputOption = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Folder for the PNGs, contact sheet and generation.json. Required."),
+]
 PromptOption = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Text prompt; repeatable.")]
 HeightOption = Annotated[int | None, typer.Option("--height", min=1, help="Image height; default the model's own.")]
 WidthOption = Annotated[int | None, typer.Option("--width", min=1, help="Image width; default the model's own.")]
-CacheDirOption = Annotated[Path | None, typer.Option("--cache-dir", help="Where predicted LoRAs are kept per (field, photo, t); default $HYPERFIELDS_CACHE/loras.")]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", help="Where predicted LoRAs are kept per (field, photo, t); default $HYPERFIELDS_CACHE/loras."
+    ),
+]
 # Options that only mean something with a base model to personalise.
 LORA_OPTIONS = ["prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "base_model", "cache_dir"]
 
@@ -37,11 +44,16 @@ def generate_command(
     output: OutputOption = None,
     prompt: PromptOption = None,
     step: StepOption = None,
-    strength: Annotated[float | None, typer.Option("--strength", help="Walk the trajectory instead of --step: 0 = base model, 1 = t = T.")] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option("--strength", help="Walk the trajectory instead of --step: 0 = base model, 1 = t = T."),
+    ] = None,
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Every prompt starts from this seed.")] = 0,
     num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", min=1, help="Sampler steps.")] = 30,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    guidance_scale: Annotated[
+        float, typer.Option("--guidance-scale", min=0.0, help="Classifier-free guidance scale.")
+    ] = 7.5,
     height: HeightOption = None,
     width: WidthOption = None,
     base_model: BaseModelOption = None,
@@ -70,8 +82,14 @@ def generate_command(
         written = write_image(rendered, folder, details)
         typer.echo(f"wrote '{written}' ({rendered.width} x {rendered.height} pixels; t = {t:g} of T = {record.steps})")
         return
-    sampling = Sampling(num_images=num_images, seed=seed, num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale, height=height, width=width)
+    sampling = Sampling(
+        num_images=num_images,
+        seed=seed,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+    )
     base = base_model or record.task_settings["base_model"]
     rows, details = generate(loaded, record, photo, prompt, t, base, sampling, cache_dir or lora_cache_dir())
     written = write_images(rows, folder, details)

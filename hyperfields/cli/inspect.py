@@ -14,7 +14,9 @@ from hyperfields.cli.common import BaseModelOption, FieldOption, refuse_lora_opt
 def inspect_command(
     ctx: typer.Context,
     field: FieldOption,
-    image: Annotated[Path | None, typer.Option("--image", "-i", help="Condition photo; default a mid-grey image.")] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", "-i", help="Condition photo; default a mid-grey image.")
+    ] = None,
     base_model: BaseModelOption = None,
 ) -> None:
     """Show the generated std against the hyperfan target and the update size at t = 0, T/2, T, per target or tensor."""
@@ -37,18 +39,31 @@ def inspect_command(
         base = base_model or record.task_settings["base_model"]
         unet = load_pipeline_components(base).unet
         check_base_model(loaded, record, unet, base)
-        table = Table(title=f"field '{field}' on {condition}: generated Delta at t = T vs hyperfan; "
-                            "update ||scale B A|| / ||W||")
+        table = Table(
+            title=f"field '{field}' on {condition}: generated Delta at t = T vs hyperfan; update ||scale B A|| / ||W||"
+        )
         columns = ["LoRA target", "A std", "hyperfan A", "B std", "hyperfan B"]
-        rows = [[r.target, f"{r.std_a:.4g}", f"{r.hyperfan_a:.4g}", f"{r.std_b:.4g}", f"{r.hyperfan_b:.4g}",
-                 *(f"{r.relative_update[t]:.3g}" for t in steps)]
-                for r in inspect_lora_field(loaded, record, unet, pixels)]
+        rows = [
+            [
+                r.target,
+                f"{r.std_a:.4g}",
+                f"{r.hyperfan_a:.4g}",
+                f"{r.std_b:.4g}",
+                f"{r.hyperfan_b:.4g}",
+                *(f"{r.relative_update[t]:.3g}" for t in steps),
+            ]
+            for r in inspect_lora_field(loaded, record, unet, pixels)
+        ]
     else:
-        table = Table(title=f"field '{field}' ({record.task}) on {condition}: generated Delta at t = T vs hyperfan; "
-                            "update ||Psi_t - theta_0|| / ||theta_0||")
+        table = Table(
+            title=f"field '{field}' ({record.task}) on {condition}: generated Delta at t = T vs hyperfan; "
+            "update ||Psi_t - theta_0|| / ||theta_0||"
+        )
         columns = ["tensor", "Delta std", "hyperfan"]
-        rows = [[r.name, f"{r.std:.4g}", f"{r.hyperfan:.4g}", *(f"{r.relative_update[t]:.3g}" for t in steps)]
-                for r in inspect_tensors(loaded, pixels)]
+        rows = [
+            [r.name, f"{r.std:.4g}", f"{r.hyperfan:.4g}", *(f"{r.relative_update[t]:.3g}" for t in steps)]
+            for r in inspect_tensors(loaded, pixels)
+        ]
     for i, column in enumerate([*columns, *(f"t = {t:g}" for t in steps)]):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:

@@ -22,15 +22,19 @@ from hyperfields.config import load_config
 @reports_errors
 def precompute_command(
     ctx: typer.Context,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write: theta_T.safetensors and index.json.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder to write: theta_T.safetensors and index.json.")
+    ],
     images: TrainingImagesOption = None,
     config: ConfigOption = None,
     base_model: BaseModelOption = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images optimised together in one batched run.")] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images optimised together in one batched run.")
+    ] = 16,
     set_: SetOption = None,
     data: FormerDataOption = None,
 ) -> None:
-    """Run T real optimisation steps per training image and store theta_T; train on it with --set objective.kind=supervised."""
+    """Run T real optimisation steps per training image, store theta_T; train on it with objective.kind=supervised."""
     overrides = list(set_ or []) + ([f"model.base_model={base_model}"] if base_model is not None else [])
     cfg = load_config(config, overrides)
     images = training_photos(ctx)
@@ -43,5 +47,7 @@ def precompute_command(
         typer.echo(f"optimised {done} of {total} training images ({cfg.objective.steps} steps each)", err=True)
 
     folder = precompute(cfg, images, output, batch_size, on_batch=progress, warn=warn)
-    typer.echo(f"wrote theta_T (T={cfg.objective.steps}) of the training images to '{folder}'; "
-               f"train on it with --set objective.kind=supervised --set objective.precomputed={folder}")
+    typer.echo(
+        f"wrote theta_T (T={cfg.objective.steps}) of the training images to '{folder}'; "
+        f"train on it with --set objective.kind=supervised --set objective.precomputed={folder}"
+    )

@@ -24,13 +24,23 @@ def refine_command(
     ctx: typer.Context,
     field: FieldOption,
     image: PhotoOption,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="The .safetensors LoRA file to write. Required.")] = None,
-    updates: Annotated[int, typer.Option(
-        "--updates", min=1, help="Real optimisation updates to continue from the prediction.")] = 40,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The .safetensors LoRA file to write. Required.")
+    ] = None,
+    updates: Annotated[
+        int, typer.Option("--updates", min=1, help="Real optimisation updates to continue from the prediction.")
+    ] = 40,
     format: LoraFormatOption = "diffusers",
-    rank: Annotated[int | None, typer.Option("--rank", min=1, help="Refine and write at this LoRA rank (SVD of the prediction); default the field's.")] = None,
-    caption: Annotated[str | None, typer.Option("--caption", help="Caption of the photo in the task loss; default the field's training template.")] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank", min=1, help="Refine and write at this LoRA rank (SVD of the prediction); default the field's."
+        ),
+    ] = None,
+    caption: Annotated[
+        str | None,
+        typer.Option("--caption", help="Caption of the photo in the task loss; default the field's training template."),
+    ] = None,
     base_model: BaseModelOption = None,
     out: FormerOutOption = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, hidden=True)] = None,
@@ -40,8 +50,8 @@ def refine_command(
     updates = renamed(ctx, "updates", "steps", required=False)
     from hyperfields.field.io import load_field
     from hyperfields.files import writable_folder
-    from hyperfields.predict import default_device, read_photo, require_task
     from hyperfields.lora.formats import write_lora
+    from hyperfields.predict import default_device, read_photo, require_task
     from hyperfields.refine import refine
 
     if output.is_dir():
@@ -51,8 +61,18 @@ def refine_command(
     photo = read_photo(image, record.resolution)
     writable_folder(output.parent)  # after the quick checks, so bad input leaves no folder; before the slow refinement
     with typer.progressbar(length=updates, label="refining") as bar:
-        result = refine(loaded, record, photo, updates, base_model or record.task_settings["base_model"], rank=rank,
-                        caption=caption, on_step=lambda k: bar.update(1))
+        result = refine(
+            loaded,
+            record,
+            photo,
+            updates,
+            base_model or record.task_settings["base_model"],
+            rank=rank,
+            caption=caption,
+            on_step=lambda k: bar.update(1),
+        )
     write_lora(result.lora, output, format)
-    typer.echo(f"task loss on fixed draws: predicted {result.loss_predicted:.5f} -> refined {result.loss_refined:.5f}; "
-               f"wrote {format} LoRA (rank {result.lora.rank}) to '{output}'")
+    typer.echo(
+        f"task loss on fixed draws: predicted {result.loss_predicted:.5f} -> refined {result.loss_refined:.5f}; "
+        f"wrote {format} LoRA (rank {result.lora.rank}) to '{output}'"
+    )

@@ -14,9 +14,17 @@ from hyperfields.errors import UserError
 @reports_errors
 def tiny_command(
     ctx: typer.Context,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help=(
-        "Folder to write: OUTPUT/pipeline (diffusers SD), OUTPUT/pipeline-xl (SDXL) and OUTPUT/encoder "
-        "(transformers ViT). Required."))] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help=(
+                "Folder to write: OUTPUT/pipeline (diffusers SD), OUTPUT/pipeline-xl (SDXL) and OUTPUT/encoder "
+                "(transformers ViT). Required."
+            ),
+        ),
+    ] = None,
     directory: Annotated[Path | None, typer.Argument(metavar="DIR", hidden=True)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random weights; the same seed writes identical files.")] = 0,
 ) -> None:

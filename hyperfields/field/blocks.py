@@ -23,7 +23,7 @@ class PhaseEmbedder(nn.Module):
     def forward(self, phase: torch.Tensor) -> torch.Tensor:
         # Periods from 4 down to ~1/1000 of the unit interval: smooth in t yet able to tell t from t+1.
         exponents = torch.arange(self.frequencies, device=phase.device, dtype=torch.float32) / self.frequencies
-        angles = phase.float().unsqueeze(1) * (math.pi / 2) * (2000.0 ** exponents).unsqueeze(0)  # (N, F)
+        angles = phase.float().unsqueeze(1) * (math.pi / 2) * (2000.0**exponents).unsqueeze(0)  # (N, F)
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1))
 
 

@@ -24,7 +24,7 @@ class ImageEncoder(nn.Module):
         if not trainable:
             model.eval()
 
-    def train(self, mode: bool = True) -> "ImageEncoder":
+    def train(self, mode: bool = True) -> ImageEncoder:
         # A frozen encoder stays in eval mode so dropout never makes the condition noisy.
         super().train(mode)
         if not self.trainable:
@@ -40,7 +40,9 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = (images + 1) / 2  # (N, 3, H, W) in [0, 1]
         if pixels.shape[-1] != self.norm.size or pixels.shape[-2] != self.norm.size:
-            pixels = F.interpolate(pixels, size=(self.norm.size, self.norm.size), mode="bicubic", align_corners=False, antialias=True)
+            pixels = F.interpolate(
+                pixels, size=(self.norm.size, self.norm.size), mode="bicubic", align_corners=False, antialias=True
+            )
         pixels = ((pixels - self.mean) / self.std).to(next(self.model.parameters()).dtype)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             tokens = self.model(pixel_values=pixels).last_hidden_state  # (N, P, D)

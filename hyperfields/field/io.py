@@ -31,7 +31,11 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 # What every record must hold, and its JSON type; then what each task's own keys must hold.
 REQUIRED_RECORD: dict[str, tuple[type, ...]] = {
-    "encoder": (str,), "train_encoder": (bool,), "layout": (dict,), "steps": (int,), "field": (dict,),
+    "encoder": (str,),
+    "train_encoder": (bool,),
+    "layout": (dict,),
+    "steps": (int,),
+    "field": (dict,),
     "resolution": (int,),
 }
 REQUIRED_TASK_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -66,8 +70,14 @@ class FieldRecord:
         """config.json's content: the task's own keys sit beside the common ones, as every field folder has them."""
         common = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("task_settings", "versions")}
         common["layout"] = {name: list(shape) for name, shape in self.layout.items()}
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task, **self.task_settings, **common,
-                "versions": self.versions}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "task": self.task,
+            **self.task_settings,
+            **common,
+            "versions": self.versions,
+        }
 
     @classmethod
     def from_json(cls, values: Any, where: str) -> FieldRecord:
@@ -87,19 +97,27 @@ class FieldRecord:
         for key, kind in {**REQUIRED_RECORD, **REQUIRED_TASK_KEYS[task]}.items():
             value = {**values, **settings}.get(key)
             if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kind):
-                raise UserError(f"{where} has no valid '{key}' ({' or '.join(t.__name__ for t in kind)} expected); "
-                                "it was edited or is damaged, write it again with 'hyperfields train'")
-        shapes_valid = all(isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)
-                           for shape in values["layout"].values())
+                raise UserError(
+                    f"{where} has no valid '{key}' ({' or '.join(t.__name__ for t in kind)} expected); "
+                    "it was edited or is damaged, write it again with 'hyperfields train'"
+                )
+        shapes_valid = all(
+            isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)
+            for shape in values["layout"].values()
+        )
         # T divides t as a 64-bit tensor; photos are cropped to resolution^2 pixels, within the limit for any photo.
         side = math.isqrt(MAX_PIXELS)
-        checks = (("steps", 0 < values["steps"] < 2**63, "from 1 to 2**63 - 1"),
-                  ("resolution", 0 < values["resolution"] <= side, f"from 1 to {side}"),
-                  ("layout", shapes_valid, "a list of positive integers per tensor"))
+        checks = (
+            ("steps", 0 < values["steps"] < 2**63, "from 1 to 2**63 - 1"),
+            ("resolution", 0 < values["resolution"] <= side, f"from 1 to {side}"),
+            ("layout", shapes_valid, "a list of positive integers per tensor"),
+        )
         for key, valid, expected in checks:
             if not valid:
-                raise UserError(f"{where} has no valid '{key}' ({expected} expected); "
-                                "it was edited or is damaged, write it again with 'hyperfields train'")
+                raise UserError(
+                    f"{where} has no valid '{key}' ({expected} expected); "
+                    "it was edited or is damaged, write it again with 'hyperfields train'"
+                )
         common = {name: values[name] for name in names if name in values}
         common["layout"] = {name: tuple(shape) for name, shape in values["layout"].items()}
         return cls(**{**common, "task": task}, task_settings=settings)
@@ -142,9 +160,9 @@ predicts the weights that `t` steps of per-subject optimisation would produce, i
 """
 USAGE = {
     "lora": 'hyperfields generate --field <this repo> --image photo.jpg --prompt "{prompt}" --out images/\n'
-            "hyperfields export --field <this repo> --image photo.jpg --format kohya --out photo_lora.safetensors",
+    "hyperfields export --field <this repo> --image photo.jpg --format kohya --out photo_lora.safetensors",
     "inr": "hyperfields generate --field <this repo> --image photo.jpg --height 512 --width 512 --out images/\n"
-           "hyperfields export --field <this repo> --image photo.jpg --out photo_weights.safetensors",
+    "hyperfields export --field <this repo> --image photo.jpg --out photo_weights.safetensors",
 }
 
 
@@ -154,8 +172,15 @@ def model_card(record: FieldRecord) -> str:
     data = ModelCardData(library_name="hyperfields", tags=["hypernetwork", *tags])
     settings = ", ".join(f"{key} {value}" for key, value in record.task_settings.items() if key != "targets")
     usage = USAGE[record.task].format(prompt=record.caption_template.replace("{token}", record.token))
-    card = ModelCard.from_template(data, template_str=MODEL_CARD, task=record.task, settings=settings,
-                                   encoder=record.encoder, steps=record.steps, usage=usage)
+    card = ModelCard.from_template(
+        data,
+        template_str=MODEL_CARD,
+        task=record.task,
+        settings=settings,
+        encoder=record.encoder,
+        steps=record.steps,
+        usage=usage,
+    )
     return str(card)
 
 
@@ -173,8 +198,14 @@ def save_field(field: HyperField, folder: Path, record: FieldRecord) -> Path:
     return write_folder(Path(folder), lambda staging: write_field_files(field, record, staging))
 
 
-def push_field(field: HyperField, record: FieldRecord, repo_id: str, private: bool | None = None,
-               token: str | None = None, commit_message: str = "Upload hyperfields field") -> str:
+def push_field(
+    field: HyperField,
+    record: FieldRecord,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload hyperfields field",
+) -> str:
     """The hub model `repo_id` (created if absent) after uploading the field folder; load it back with load_field."""
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -184,8 +215,14 @@ def push_field(field: HyperField, record: FieldRecord, repo_id: str, private: bo
     return repo
 
 
-def resolve_field_folder(name: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
-                         force_download: bool = False, local_files_only: bool = False, token: str | bool | None = None) -> Path:
+def resolve_field_folder(
+    name: str | Path,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
     """The local folder of field `name`: the folder itself, or the downloaded snapshot of a hub model id."""
     local = Path(name).expanduser()
     if local.is_dir():
@@ -195,11 +232,19 @@ def resolve_field_folder(name: str | Path, revision: str | None = None, cache_di
     except HFValidationError:  # a path, not a hub id ('owner/name'): no point asking the hub
         raise UserError(f"field '{name}': no such folder") from None
     try:
-        snapshot = snapshot_download(str(name), revision=revision, cache_dir=cache_dir, force_download=force_download,
-                                     local_files_only=local_files_only, token=token,
-                                     allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+        snapshot = snapshot_download(
+            str(name),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+        )
     except Exception as error:  # offline, unknown repo, malformed id: all mean the same thing to the user
-        raise UserError(f"field '{name}': no such folder, and not a hub model id that can be downloaded ({error_line(error)})") from None
+        raise UserError(
+            f"field '{name}': no such folder, and not a hub model id that can be downloaded ({error_line(error)})"
+        ) from None
     return Path(snapshot)
 
 
@@ -209,7 +254,9 @@ def read_record(folder: Path) -> FieldRecord:
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"field folder '{folder}': no {CONFIG_NAME} (is it a folder written by 'hyperfields train'?)") from None
+        raise UserError(
+            f"field folder '{folder}': no {CONFIG_NAME} (is it a folder written by 'hyperfields train'?)"
+        ) from None
     except (ValueError, RecursionError) as error:  # not JSON or UTF-8, thousands of digits, nesting beyond the stack
         raise UserError(f"field folder '{folder}': {CONFIG_NAME} is not valid JSON ({error_line(error)})") from None
     except OSError as error:  # a folder, no permission
@@ -228,9 +275,12 @@ def _size_mismatch(record: FieldRecord, state: dict[str, torch.Tensor]) -> str |
             return f"layout '{name}' {list(shape)} (the weights' theta0_{i}: {saved})"
     field = record.field
     blocks = {key.split(".")[1] for key in state if key.startswith("blocks.")}
-    found = {"width": state["tokens"].shape[-1] if "tokens" in state else None, "depth": len(blocks),
-             "spatial_rank": state["spatial_down.weight"].shape[0] if "spatial_down.weight" in state else 0,
-             "mlp_hidden": state["blocks.0.mlp.0.weight"].shape[0] if "blocks.0.mlp.0.weight" in state else None}
+    found = {
+        "width": state["tokens"].shape[-1] if "tokens" in state else None,
+        "depth": len(blocks),
+        "spatial_rank": state["spatial_down.weight"].shape[0] if "spatial_down.weight" in state else 0,
+        "mlp_hidden": state["blocks.0.mlp.0.weight"].shape[0] if "blocks.0.mlp.0.weight" in state else None,
+    }
     claimed = {key: field[key] for key in ("width", "depth", "spatial_rank") if key in field}
     if isinstance(field.get("width"), int) and isinstance(field.get("mlp_ratio"), (int, float)) and blocks:
         claimed["mlp_hidden"] = int(field["width"] * field["mlp_ratio"]) if math.isfinite(field["mlp_ratio"]) else None
@@ -255,14 +305,20 @@ def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any)
         raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} is truncated or not safetensors ({error})") from None
     mismatch = _size_mismatch(record, state)
     if mismatch is not None:
-        raise UserError(f"field folder '{folder}': {CONFIG_NAME} does not match {WEIGHTS_NAME}: {mismatch}; "
-                        "it was edited or is damaged, write it again with 'hyperfields train'")
-    damaged = next((name for name, tensor in state.items()
-                    if not tensor.is_floating_point() or not torch.isfinite(tensor).all()), None)
+        raise UserError(
+            f"field folder '{folder}': {CONFIG_NAME} does not match {WEIGHTS_NAME}: {mismatch}; "
+            "it was edited or is damaged, write it again with 'hyperfields train'"
+        )
+    damaged = next(
+        (name for name, tensor in state.items() if not tensor.is_floating_point() or not torch.isfinite(tensor).all()),
+        None,
+    )
     if damaged is not None:
-        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} tensor '{damaged}' is "
-                        f"{'not floating point' if not state[damaged].is_floating_point() else 'NaN or infinite'}; "
-                        "the file is damaged, write it again with 'hyperfields train'")
+        raise UserError(
+            f"field folder '{folder}': {WEIGHTS_NAME} tensor '{damaged}' is "
+            f"{'not floating point' if not state[damaged].is_floating_point() else 'NaN or infinite'}; "
+            "the file is damaged, write it again with 'hyperfields train'"
+        )
     model, norm = load_encoder(record.encoder)
     encoder = ImageEncoder(model, norm, trainable=record.train_encoder)
     zeros = {name: torch.zeros(shape) for name, shape in record.layout.items()}
@@ -270,20 +326,25 @@ def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any)
     try:
         field = HyperField(encoder, record.layout, zeros, ones, steps=record.steps, **record.field)
     except TypeError as error:  # a field setting this version does not know: written by a newer hyperfields
-        raise UserError(f"field folder '{folder}': {CONFIG_NAME} has field settings this hyperfields "
-                        f"({package_versions()['hyperfields']}) does not know ({error_line(error)}); "
-                        "upgrade hyperfields") from None
+        raise UserError(
+            f"field folder '{folder}': {CONFIG_NAME} has field settings this hyperfields "
+            f"({package_versions()['hyperfields']}) does not know ({error_line(error)}); "
+            "upgrade hyperfields"
+        ) from None
     except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as error:  # sizes that build no field (heads)
-        raise UserError(f"field folder '{folder}': {CONFIG_NAME} has field settings that build no field "
-                        f"({error_line(error)}); it was edited or is damaged, write it again with 'hyperfields train'"
-                        ) from None
+        raise UserError(
+            f"field folder '{folder}': {CONFIG_NAME} has field settings that build no field "
+            f"({error_line(error)}); it was edited or is damaged, write it again with 'hyperfields train'"
+        ) from None
     expected = field.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("encoder.")]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or reshaped:
         counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} wrongly shaped tensors"
-        raise UserError(f"field folder '{folder}': {WEIGHTS_NAME} does not match its config ({counts}, "
-                        f"e.g. {(missing + unexpected + reshaped)[0]})")
+        raise UserError(
+            f"field folder '{folder}': {WEIGHTS_NAME} does not match its config ({counts}, "
+            f"e.g. {(missing + unexpected + reshaped)[0]})"
+        )
     field.load_state_dict(state, strict=False)
     return field.to(device).eval(), record

@@ -93,7 +93,7 @@ class HyperField(nn.Module):
         # Hyperfan: the final LayerNorm gives unit-variance inputs, so weight variance 1/width makes
         # each head's output unit-variance; the per-tensor scale buffers then give the target std.
         for head in self.heads.values():
-            nn.init.normal_(head.weight, std=head.in_features ** -0.5)
+            nn.init.normal_(head.weight, std=head.in_features**-0.5)
             nn.init.zeros_(head.bias)
 
     def theta0(self) -> dict[str, torch.Tensor]:

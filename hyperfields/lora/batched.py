@@ -169,7 +169,10 @@ class BatchedLora:
             layers = list(self.layers.values())
         weights = [(layer.lora_A, layer.lora_B) for layer in layers]
         return torch.utils.checkpoint.checkpoint(
-            block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _weights_set(layers, weights)),
+            block,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (nullcontext(), _weights_set(layers, weights)),
         )
 
     def detach(self) -> None:

@@ -43,8 +43,11 @@ class BaseModelFamily:
     def from_configs(cls, unet_config: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> BaseModelFamily:
         """The family of a diffusers base model, from its UNet's and its scheduler's config."""
         sdxl = unet_config.get("addition_embed_type") == "text_time"  # SDXL's pooled-text and size conditioning
-        return cls(sdxl=sdxl, v2=not sdxl and unet_config.get("cross_attention_dim") == 1024,
-                   v_prediction=scheduler_config.get("prediction_type") == "v_prediction")
+        return cls(
+            sdxl=sdxl,
+            v2=not sdxl and unet_config.get("cross_attention_dim") == 1024,
+            v_prediction=scheduler_config.get("prediction_type") == "v_prediction",
+        )
 
     @property
     def base_model_version(self) -> str:
@@ -107,8 +110,10 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().float().to(dtype).contiguous().cpu()
 
 
-def diffusers_state_dict(lora: LoraWeights, dtype: torch.dtype = torch.float32,
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def diffusers_state_dict(
+    lora: LoraWeights,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and header of a diffusers/peft LoRA file: `unet.<module>.lora_A.weight` / `.lora_B.weight`."""
     tensors = {}
     for target in lora.targets:
@@ -116,7 +121,10 @@ def diffusers_state_dict(lora: LoraWeights, dtype: torch.dtype = torch.float32,
         tensors[f"{UNET_PREFIX}{target}.lora_B.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
     # Whole module names as target_modules: peft matches them exactly, so no other layer gets a LoRA.
     config = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.targets}
-    header = {**lora.metadata, ADAPTER_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in config.items()}, sort_keys=True)}
+    header = {
+        **lora.metadata,
+        ADAPTER_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in config.items()}, sort_keys=True),
+    }
     return tensors, header
 
 
@@ -126,9 +134,18 @@ def kohya_name(target: str) -> str:
 
 
 # sd-scripts trains SDXL on the original Stability (SGM) UNet, so SDXL kohya files name its modules, not diffusers'.
-_SGM_EMBEDDINGS = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-_SGM_RESNET = {"time_emb_proj": "emb_layers.1", "conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_SGM_EMBEDDINGS = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
+_SGM_RESNET = {
+    "time_emb_proj": "emb_layers.1",
+    "conv1": "in_layers.2",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _DIFFUSERS_BLOCK = re.compile(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(attentions|resnets)\.(\d+)\.(.+)")
 
 
@@ -143,13 +160,17 @@ def sgm_unet_name(target: str, layers_per_block: int = 2) -> str:
         return _SGM_EMBEDDINGS[target]
     match = _DIFFUSERS_BLOCK.fullmatch(target)
     if match is None:
-        raise UserError(f"LoRA target {target!r} has no SDXL kohya name: only attention, resnet and embedding layers map")
+        raise UserError(
+            f"LoRA target {target!r} has no SDXL kohya name: only attention, resnet and embedding layers map"
+        )
     kind, block, inner, layer, rest = match.groups()
     if inner == "resnets":
         head, dot, tail = rest.partition(".")
         if head not in _SGM_RESNET:
             known = ", ".join(_SGM_RESNET)
-            raise UserError(f"LoRA target {target!r} has no SDXL kohya name: resnet layer {head!r} is not one of {known}")
+            raise UserError(
+                f"LoRA target {target!r} has no SDXL kohya name: resnet layer {head!r} is not one of {known}"
+            )
         rest = _SGM_RESNET[head] + dot + tail
     part = 0 if inner == "resnets" else 1
     if kind == "down_blocks":
@@ -164,19 +185,29 @@ def kohya_name_sdxl(target: str, layers_per_block: int = 2) -> str:
     return KOHYA_PREFIX + sgm_unet_name(target, layers_per_block).replace(".", "_")
 
 
-def kohya_state_dict(lora: LoraWeights, dtype: torch.dtype = torch.float32,
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+def kohya_state_dict(
+    lora: LoraWeights,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
     tensors = {}
     for target in lora.targets:
-        name = kohya_name(target) if lora.sdxl_layers_per_block is None else kohya_name_sdxl(target, lora.sdxl_layers_per_block)
+        name = (
+            kohya_name(target)
+            if lora.sdxl_layers_per_block is None
+            else kohya_name_sdxl(target, lora.sdxl_layers_per_block)
+        )
         tensors[f"{name}.lora_down.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
         tensors[f"{name}.lora_up.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
         # A scalar kept in float32 whatever the precision, so the scale stays exact; loaders read it with .item().
         tensors[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
     # sd-scripts writes every value with str(): alpha as a float ("8.0"), dim as an int.
-    header = {**lora.metadata, "ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
-              "ss_network_alpha": str(float(lora.alpha))}
+    header = {
+        **lora.metadata,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora.rank),
+        "ss_network_alpha": str(float(lora.alpha)),
+    }
     return tensors, header
 
 
@@ -216,8 +247,13 @@ def kohya_training_header(origin: LoraOrigin, output_name: str) -> dict[str, str
     }
 
 
-def write_lora(lora: LoraWeights, path: Path, format: LoraFormat, precision: LoraPrecision = "fp32",
-               origin: LoraOrigin | None = None) -> Path:
+def write_lora(
+    lora: LoraWeights,
+    path: Path,
+    format: LoraFormat,
+    precision: LoraPrecision = "fp32",
+    origin: LoraOrigin | None = None,
+) -> Path:
     """`path`, holding `lora` as a safetensors file in `format` and `precision`, written atomically.
 
     With `origin` the header also says which base model the LoRA is for and how to trigger it (ModelSpec keys, and
@@ -239,4 +275,3 @@ def write_lora(lora: LoraWeights, path: Path, format: LoraFormat, precision: Lor
     else:
         raise ValueError(f"unknown LoRA format {format!r}; expected one of {', '.join(FORMATS)}")
     return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt", **header}))
-

@@ -20,10 +20,15 @@ def with_rank(lora: LoraWeights, rank: int) -> LoraWeights:
     for target in lora.targets:
         a, b = lora.tensors[f"{target}.lora_A"].float(), lora.tensors[f"{target}.lora_B"].float()
         if rank > min(b.shape[0], a.shape[1]):
-            raise UserError(f"rank {rank} is above what LoRA target {target} "
-                            f"(out, in) = ({b.shape[0]}, {a.shape[1]}) can hold")
+            raise UserError(
+                f"rank {rank} is above what LoRA target {target} (out, in) = ({b.shape[0]}, {a.shape[1]}) can hold"
+            )
         u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)  # (out, k), (k,), (k, in) with k = min(out, in)
         tensors[f"{target}.lora_A"] = vh[:rank].contiguous()
         tensors[f"{target}.lora_B"] = (u[:, :rank] * s[:rank]).contiguous()
-    return LoraWeights(tensors=tensors, alpha=lora.scale * rank, metadata=dict(lora.metadata),
-                       sdxl_layers_per_block=lora.sdxl_layers_per_block)
+    return LoraWeights(
+        tensors=tensors,
+        alpha=lora.scale * rank,
+        metadata=dict(lora.metadata),
+        sdxl_layers_per_block=lora.sdxl_layers_per_block,
+    )

@@ -95,7 +95,9 @@ def layout_mismatch(layout: Mapping[str, Sequence[int]], model: nn.Module) -> st
         return None
     parts = []
     if missing:
-        parts.append(f"{len(missing)} of {len(targets)} LoRA targets are not linear layers of this model (e.g. {missing[0]})")
+        parts.append(
+            f"{len(missing)} of {len(targets)} LoRA targets are not linear layers of this model (e.g. {missing[0]})"
+        )
     if differing:
         parts.append(f"{len(differing)} of {len(targets)} have other shapes (e.g. {differing[0]})")
     return "; ".join(parts)

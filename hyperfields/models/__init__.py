@@ -11,6 +11,11 @@ from hyperfields.models.loading import (
 )
 
 __all__ = [
-    "ImageNorm", "PipelineParts", "encoder_width", "load_encoder", "load_pipeline", "load_pipeline_components",
+    "ImageNorm",
+    "PipelineParts",
+    "encoder_width",
+    "load_encoder",
+    "load_pipeline",
+    "load_pipeline_components",
     "resolve_model_path",
 ]

@@ -108,7 +108,9 @@ def load_pipeline_components(base_model: str, dtype: torch.dtype = torch.float32
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         # The UNet decides, not the folder layout: it is what needs the pooled text and the size ids.
         if unet.config.addition_embed_type == "text_time":
-            extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **{_TF_DTYPE_KW: dtype})
+            extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", **{_TF_DTYPE_KW: dtype}
+            )
             extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
     except Exception as exc:
         raise _pipeline_error(base_model, path, exc) from exc

@@ -24,7 +24,6 @@ _TINY_VERSION = "tiny-v3"  # bump when the tiny configs change, so stale caches 
 _MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("o", "g</w>")]
 
 
-
 def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Returns a CLIP-style BPE vocabulary that covers every byte, so no prompt ever maps to the unknown token."""
     from tokenizers.pre_tokenizers import ByteLevel
@@ -62,8 +61,13 @@ def _tiny_vae(seed: int, scaling_factor: float) -> Any:
     # Three blocks, two downsampling: 64 px images give 16 x 16 latents, so a UNet step on a CPU takes
     # milliseconds while every code path (cross-attention, VAE, scheduler) is the real one.
     return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64), latent_channels=4, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 64),
+        latent_channels=4,
+        sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         scaling_factor=scaling_factor,
     )
 
@@ -73,18 +77,31 @@ def _tiny_text_encoder(seed: int, tokenizer: Any, with_projection: bool = False)
 
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
         # The pooled output is read at the first eos token, so the ids must match the tokenizer's.
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(text_config) if with_projection else CLIPTextModel(text_config)
 
 
 # Stable Diffusion's own schedule settings, so noise levels look like the real ones and the
 # pipeline does not warn about a legacy scheduler config.
-_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    prediction_type="epsilon", steps_offset=1)
+_SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+)
 
 
 def _save_pipeline(directory: Path, seed: int) -> None:
@@ -94,14 +111,25 @@ def _save_pipeline(directory: Path, seed: int) -> None:
     torch.manual_seed(seed)
     # Cross-attention in the down, mid and up blocks: 12 attention modules for LoRA to target.
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
     )
     pipeline = StableDiffusionPipeline(
-        vae=_tiny_vae(seed, 0.18215), text_encoder=_tiny_text_encoder(seed, tokenizer), tokenizer=tokenizer, unet=unet,
+        vae=_tiny_vae(seed, 0.18215),
+        text_encoder=_tiny_text_encoder(seed, tokenizer),
+        tokenizer=tokenizer,
+        unet=unet,
         scheduler=DDPMScheduler(**_SD_SCHEDULE, clip_sample=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(directory)
     _write_bpe_files(directory / "tokenizer", *_byte_vocab())
@@ -116,15 +144,29 @@ def _save_pipeline_xl(directory: Path, seed: int) -> None:
     # deeper down, context = both text encoders' widths concatenated (32 + 32), and the "text_time"
     # added embedding of the pooled text (32) plus six size/crop numbers (8 features each).
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
     )
     pipeline = StableDiffusionXLPipeline(
-        vae=_tiny_vae(seed, 0.13025), text_encoder=_tiny_text_encoder(seed, tokenizer),
-        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**_SD_SCHEDULE, timestep_spacing="leading"),
+        vae=_tiny_vae(seed, 0.13025),
+        text_encoder=_tiny_text_encoder(seed, tokenizer),
+        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**_SD_SCHEDULE, timestep_spacing="leading"),
     )
     pipeline.save_pretrained(directory)
     for name in ("tokenizer", "tokenizer_2"):
@@ -141,8 +183,13 @@ def _save_encoder(directory: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     config = ViTConfig(  # 32 px in 8 px patches: 16 patch tokens plus CLS
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
     )
     # Kept with its pooler: AutoModel builds ViTModel with one, and a missing one would be
     # freshly random (and warned about) on every load.

@@ -68,7 +68,9 @@ class InrTask:
 
     def prepare(self, images: torch.Tensor, captions: list[str]) -> InrInputs:
         if images.shape[-2:] != (self.resolution, self.resolution):
-            raise UserError(f"inr task: images are {tuple(images.shape[-2:])} pixels, expected model.resolution={self.resolution}")
+            raise UserError(
+                f"inr task: images are {tuple(images.shape[-2:])} pixels, expected model.resolution={self.resolution}"
+            )
         pixels = images.to(self.device).float().permute(0, 2, 3, 1).reshape(images.shape[0], -1, 3)
         return InrInputs(pixels=pixels)
 

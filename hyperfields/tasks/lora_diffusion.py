@@ -43,7 +43,9 @@ class LoraDiffusionTask:
             parts.unet.enable_gradient_checkpointing(self.lora.checkpoint)
         prediction_type = parts.noise_scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(f"base model scheduler: prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+            raise UserError(
+                f"base model scheduler: prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)"
+            )
         self.prediction_type = prediction_type
 
     @property
@@ -60,10 +62,15 @@ class LoraDiffusionTask:
 
     def record(self) -> dict[str, Any]:
         """The base model and its family, the LoRA's targets, rank, alpha and A_0 seed, and SDXL's layers per block."""
-        return {"base_model": self.parts.name, "targets": self.targets,
-                "sdxl_layers_per_block": self.sdxl_layers_per_block(), "rank": self.config.rank,
-                "alpha": self.config.alpha, "init_seed": self.config.init_seed,
-                "base_family": dataclasses.asdict(self.base_family())}
+        return {
+            "base_model": self.parts.name,
+            "targets": self.targets,
+            "sdxl_layers_per_block": self.sdxl_layers_per_block(),
+            "rank": self.config.rank,
+            "alpha": self.config.alpha,
+            "init_seed": self.config.init_seed,
+            "base_family": dataclasses.asdict(self.base_family()),
+        }
 
     def layout(self) -> dict[str, tuple[int, ...]]:
         return dict(self._layout)
@@ -104,12 +111,17 @@ class LoraDiffusionTask:
         text = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (N, L, D1 + D2)
         height, width = images.shape[-2:]
         time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=self.device)
-        return DiffusionInputs(latents=latents.float(), text_embeddings=text, pooled_text_embeddings=second.text_embeds,
-                               time_ids=time_ids.expand(len(captions), 6))
+        return DiffusionInputs(
+            latents=latents.float(),
+            text_embeddings=text,
+            pooled_text_embeddings=second.text_embeds,
+            time_ids=time_ids.expand(len(captions), 6),
+        )
 
     def _tokens(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
 
     def loss(self, weights: Weights, inputs: DiffusionInputs, draws: int, generator: torch.Generator) -> torch.Tensor:
         n = inputs.latents.shape[0]
@@ -117,17 +129,27 @@ class LoraDiffusionTask:
         text = inputs.text_embeddings.repeat_interleave(draws, dim=0)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
         steps = self.parts.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device).to(latents.device)
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=generator.device).to(
+            latents.device
+        )
         noisy = self.parts.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else self.parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise
+            if self.prediction_type == "epsilon"
+            else self.parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         unet_dtype = next(self.parts.unet.parameters()).dtype
         added = None
         if inputs.pooled_text_embeddings is not None:
-            added = {"text_embeds": inputs.pooled_text_embeddings.repeat_interleave(draws, dim=0).to(unet_dtype),
-                     "time_ids": inputs.time_ids.repeat_interleave(draws, dim=0).to(unet_dtype)}
+            added = {
+                "text_embeds": inputs.pooled_text_embeddings.repeat_interleave(draws, dim=0).to(unet_dtype),
+                "time_ids": inputs.time_ids.repeat_interleave(draws, dim=0).to(unet_dtype),
+            }
         self.lora.set_weights(weights)
         try:
-            prediction = self.parts.unet(noisy.to(unet_dtype), timesteps, text.to(unet_dtype), added_cond_kwargs=added).sample
+            prediction = self.parts.unet(
+                noisy.to(unet_dtype), timesteps, text.to(unet_dtype), added_cond_kwargs=added
+            ).sample
         finally:
             self.lora.clear()
         per_row = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)

@@ -57,11 +57,13 @@ class TrainingRun:
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     """The learning-rate factor at each step: linear warmup to 1, then a cosine down to 0 at `total`."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -83,19 +85,32 @@ def warn_on_main(accelerator: Accelerator) -> Callable[[str], None]:
     return lambda message: print0(accelerator, message, markup=False)
 
 
-def load_images(config: Config, data_dir: Path, output: Path, accelerator: Accelerator,
-                ) -> tuple[ImageCaptionDataset, ImageCaptionDataset]:
+def load_images(
+    config: Config,
+    data_dir: Path,
+    output: Path,
+    accelerator: Accelerator,
+) -> tuple[ImageCaptionDataset, ImageCaptionDataset]:
     """The training and held-out images of `data_dir`, each skipped file named once."""
     # Decoded once by the main process into the run folder's manifest; the others and resumed runs reuse it.
-    report, _ = scan_with_manifest(data_dir, output / MANIFEST_NAME, config.data.caption_template, config.data.token,
-                                   config.model.resolution, warn_on_main(accelerator), accelerator.is_main_process,
-                                   accelerator.wait_for_everyone)
+    report, _ = scan_with_manifest(
+        data_dir,
+        output / MANIFEST_NAME,
+        config.data.caption_template,
+        config.data.token,
+        config.model.resolution,
+        warn_on_main(accelerator),
+        accelerator.is_main_process,
+        accelerator.wait_for_everyone,
+    )
     print0(accelerator, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
     train_records, heldout_records = split_heldout(report.records, config.train.heldout, config.train.seed)
     # A condition cache reads each training image once: keeping its pixels too would grow with the folder.
     keep_decoded = config.train.cache == "none"
-    return (ImageCaptionDataset(train_records, config.model.resolution, keep_decoded=keep_decoded),
-            ImageCaptionDataset(heldout_records, config.model.resolution))
+    return (
+        ImageCaptionDataset(train_records, config.model.resolution, keep_decoded=keep_decoded),
+        ImageCaptionDataset(heldout_records, config.model.resolution),
+    )
 
 
 def build_field(config: Config, task: Task) -> HyperField:
@@ -106,14 +121,20 @@ def build_field(config: Config, task: Task) -> HyperField:
     encoder = ImageEncoder(encoder_model, norm, trainable=config.model.train_encoder)
     torch.manual_seed(train.seed)  # the same init on every process
     return HyperField(
-        encoder, task.layout(), task.initial_weights(), task.init_std(), steps=config.objective.steps,
+        encoder,
+        task.layout(),
+        task.initial_weights(),
+        task.init_std(),
+        steps=config.objective.steps,
         **dataclasses.asdict(config.field),
     )
 
 
-def condition_reader(dataset: ImageCaptionDataset, task: Task, field: torch.nn.Module, train_encoder: bool,
-                     device: torch.device) -> Conditions:
+def condition_reader(
+    dataset: ImageCaptionDataset, task: Task, field: torch.nn.Module, train_encoder: bool, device: torch.device
+) -> Conditions:
     """A function giving the field's inputs and the task's prepared inputs for a list of training image indices."""
+
     def conditions(picks: list[int]) -> tuple[dict[str, torch.Tensor], Any]:
         items = [dataset[i] for i in picks]
         images = torch.stack([item["pixel_values"] for item in items]).to(device)
@@ -123,6 +144,7 @@ def condition_reader(dataset: ImageCaptionDataset, task: Task, field: torch.nn.M
             with torch.no_grad():  # a frozen encoder runs once per step, outside the field's graph
                 field_inputs = {"encoder_tokens": field.encoder(images)}
         return field_inputs, task.prepare(images, [item["caption"] for item in items])
+
     return conditions
 
 
@@ -141,31 +163,63 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, train.max_steps))
     prepared, optimizer, schedule = accelerator.prepare(field, optimizer, schedule)
     ema = EMA(parameters, train.ema_decay) if train.ema_decay > 0 else None
-    conditions = condition_reader(dataset, task, accelerator.unwrap_model(prepared), config.model.train_encoder,
-                                  accelerator.device)
+    conditions = condition_reader(
+        dataset, task, accelerator.unwrap_model(prepared), config.model.train_encoder, accelerator.device
+    )
     cache = condition_cache(config, conditions, accelerator.device, dataset.records, output, warn_on_main(accelerator))
     theta_T = None
     if objective.kind == "supervised":
         if not objective.precomputed:
-            raise UserError("config key 'objective.precomputed': objective.kind=supervised needs the folder written by "
-                            "'hyperfields precompute', e.g. objective.precomputed=runs/precomputed")
+            raise UserError(
+                "config key 'objective.precomputed': objective.kind=supervised needs the folder written by "
+                "'hyperfields precompute', e.g. objective.precomputed=runs/precomputed"
+            )
         theta_T = load_precomputed(Path(objective.precomputed), task, dataset.records, data_dir, objective.steps)
     if objective.kind != "matching" and objective.end_weight > 0:
-        print0(accelerator, f"note: objective.end_weight={objective.end_weight:g} is part of gradient matching; "
-                            f"objective.kind={objective.kind} does not use it")
-    print0(accelerator, f"field: {sum(p.numel() for p in parameters) / 1e6:.2f}M trainable parameters predicting "
-                        f"{len(task.layout())} tensors on {accelerator.num_processes} process(es), "
-                        f"device {accelerator.device}")
-    return TrainingRun(config, output, accelerator, task, prepared, optimizer, schedule, ema, dataset, heldout,
-                       conditions, cache, theta_T)
+        print0(
+            accelerator,
+            f"note: objective.end_weight={objective.end_weight:g} is part of gradient matching; "
+            f"objective.kind={objective.kind} does not use it",
+        )
+    print0(
+        accelerator,
+        f"field: {sum(p.numel() for p in parameters) / 1e6:.2f}M trainable parameters predicting "
+        f"{len(task.layout())} tensors on {accelerator.num_processes} process(es), "
+        f"device {accelerator.device}",
+    )
+    return TrainingRun(
+        config,
+        output,
+        accelerator,
+        task,
+        prepared,
+        optimizer,
+        schedule,
+        ema,
+        dataset,
+        heldout,
+        conditions,
+        cache,
+        theta_T,
+    )
 
 
 def field_record(config: Config, task: Task, trained_steps: int, recovered: float | None) -> FieldRecord:
     """How the field was made, for its folder: the run's settings, the task's own keys, and how training went."""
     return FieldRecord(
-        task=config.model.task, encoder=config.model.encoder, train_encoder=config.model.train_encoder,
-        layout=task.layout(), steps=config.objective.steps, field=dataclasses.asdict(config.field),
-        resolution=config.model.resolution, task_settings=task.record(), step_size=config.objective.step_size,
-        update=config.objective.update, caption_template=config.data.caption_template, token=config.data.token,
-        trained_steps=trained_steps, heldout_recovered=recovered, config=config.to_dict(),
+        task=config.model.task,
+        encoder=config.model.encoder,
+        train_encoder=config.model.train_encoder,
+        layout=task.layout(),
+        steps=config.objective.steps,
+        field=dataclasses.asdict(config.field),
+        resolution=config.model.resolution,
+        task_settings=task.record(),
+        step_size=config.objective.step_size,
+        update=config.objective.update,
+        caption_template=config.data.caption_template,
+        token=config.data.token,
+        trained_steps=trained_steps,
+        heldout_recovered=recovered,
+        config=config.to_dict(),
     )

@@ -38,7 +38,9 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
     if isinstance(tree, dict):
         return {key: map_tensors(fn, value) for key, value in tree.items()}
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return dataclasses.replace(tree, **{f.name: map_tensors(fn, getattr(tree, f.name)) for f in dataclasses.fields(tree)})
+        return dataclasses.replace(
+            tree, **{f.name: map_tensors(fn, getattr(tree, f.name)) for f in dataclasses.fields(tree)}
+        )
     raise TypeError(f"cannot cache a {type(tree).__name__}: expected tensors, tuples, dicts or dataclasses of them")
 
 
@@ -54,7 +56,9 @@ def concat_rows(trees: Sequence[Any]) -> Any:
     if isinstance(first, dict):
         return {key: concat_rows([tree[key] for tree in trees]) for key in first}
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(first, **{f.name: concat_rows([getattr(tree, f.name) for tree in trees]) for f in dataclasses.fields(first)})
+        return dataclasses.replace(
+            first, **{f.name: concat_rows([getattr(tree, f.name) for tree in trees]) for f in dataclasses.fields(first)}
+        )
     raise TypeError(f"cannot cache a {type(first).__name__}: expected tensors, tuples, dicts or dataclasses of them")
 
 
@@ -126,9 +130,18 @@ class MemoryRows(dict):
 def condition_identity(config: Config) -> str:
     """What besides the image and caption decides a cached row: the frozen models, their precision, this version."""
     model = config.model
-    return json.dumps({"task": model.task, "base_model": model.base_model, "encoder": model.encoder,
-                       "train_encoder": model.train_encoder, "resolution": model.resolution,
-                       "dtype": config.train.mixed_precision, "hyperfields": hyperfields.__version__}, sort_keys=True)
+    return json.dumps(
+        {
+            "task": model.task,
+            "base_model": model.base_model,
+            "encoder": model.encoder,
+            "train_encoder": model.train_encoder,
+            "resolution": model.resolution,
+            "dtype": config.train.mixed_precision,
+            "hyperfields": hyperfields.__version__,
+        },
+        sort_keys=True,
+    )
 
 
 class DiskRows:
@@ -180,8 +193,9 @@ class ConditionCache:
     images it drew. The default store is this process's memory.
     """
 
-    def __init__(self, compute: Callable[[list[int]], Any], device: torch.device,
-                 store: RowStore | None = None) -> None:
+    def __init__(
+        self, compute: Callable[[list[int]], Any], device: torch.device, store: RowStore | None = None
+    ) -> None:
         self.compute = compute
         self.device = device
         self.store = store if store is not None else MemoryRows()
@@ -202,8 +216,14 @@ class ConditionCache:
         return map_tensors(lambda t: t.to(self.device), concat_rows([rows[i] for i in indices]))
 
 
-def condition_cache(config: Config, compute: Callable[[list[int]], Any], device: torch.device,
-                    records: Sequence[ImageRecord], output: Path, note: Callable[[str], None]) -> ConditionCache | None:
+def condition_cache(
+    config: Config,
+    compute: Callable[[list[int]], Any],
+    device: torch.device,
+    records: Sequence[ImageRecord],
+    output: Path,
+    note: Callable[[str], None],
+) -> ConditionCache | None:
     """The cache `config.train.cache` asks for over `records` (None for "none"); the disk one under train.cache_dir."""
     train = config.train
     if train.cache_latents:

@@ -20,8 +20,9 @@ class CacheBuild:
     main_process: bool  # whether this is the process that reports
 
 
-def build_cache(config: Config, data_dir: Path, output: Path, batch_size: int,
-                on_batch: Callable[[int, int], None] | None = None) -> CacheBuild:
+def build_cache(
+    config: Config, data_dir: Path, output: Path, batch_size: int, on_batch: Callable[[int, int], None] | None = None
+) -> CacheBuild:
     """Every training image's conditions in the disk cache that `train` with this config and output reads.
 
     Built by the training run itself, so the entries are exactly those a training step would compute; under torchrun
@@ -39,5 +40,9 @@ def build_cache(config: Config, data_dir: Path, output: Path, batch_size: int,
     acc.wait_for_everyone()
     acc.end_training()
     assert isinstance(cache.store, DiskRows)
-    return CacheBuild(folder=cache.store.folder, images=len(run.dataset), processes=acc.num_processes,
-                      main_process=acc.is_main_process)
+    return CacheBuild(
+        folder=cache.store.folder,
+        images=len(run.dataset),
+        processes=acc.num_processes,
+        main_process=acc.is_main_process,
+    )

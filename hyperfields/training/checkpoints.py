@@ -46,8 +46,9 @@ def resolve_resume(output: Path, resume: str) -> Path:
         return found[-1]
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
-        raise UserError(f"resume='{resume}': not a checkpoint folder (no {STATE_NAME}); "
-                        "use 'latest' or a checkpoint-N folder")
+        raise UserError(
+            f"resume='{resume}': not a checkpoint folder (no {STATE_NAME}); use 'latest' or a checkpoint-N folder"
+        )
     return path
 
 
@@ -57,8 +58,9 @@ def last_checkpoint_text(output: Path) -> str:
     return f"last good checkpoint: '{found[-1]}'" if found else "no checkpoint was written yet"
 
 
-def save_checkpoint(accelerator: Accelerator, output: Path, state: LoopState, config: dict[str, Any], ema: EMA | None,
-                    limit: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output: Path, state: LoopState, config: dict[str, Any], ema: EMA | None, limit: int
+) -> Path:
     """`output/checkpoints/checkpoint-<step>`, complete; only the newest `limit` checkpoints are kept (0: all).
 
     accelerate's save_state writes from every process into one folder, so the staging folder has a name every
@@ -83,8 +85,10 @@ def save_checkpoint(accelerator: Accelerator, output: Path, state: LoopState, co
             replace_folder(staging, final)
     except OSError as error:  # disk full, quota: nothing under the final name, the last good checkpoint kept
         shutil.rmtree(staging, ignore_errors=True)
-        raise TrainingError(f"stopped at step {state.step}: cannot write checkpoint '{final}' "
-                            f"({error.strerror or error}); {last_checkpoint_text(output)}") from None
+        raise TrainingError(
+            f"stopped at step {state.step}: cannot write checkpoint '{final}' "
+            f"({error.strerror or error}); {last_checkpoint_text(output)}"
+        ) from None
     if accelerator.is_main_process:
         for old in checkpoint_dirs(output)[:-limit] if limit else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -100,6 +104,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> Lo
         if ema is not None:
             ema.load(path / EMA_NAME)
     except Exception as error:  # truncated or tampered files: say which checkpoint, not a traceback
-        raise UserError(f"checkpoint '{path}' cannot be loaded ({error_line(error)}); "
-                        "resume from another checkpoint folder") from None
+        raise UserError(
+            f"checkpoint '{path}' cannot be loaded ({error_line(error)}); resume from another checkpoint folder"
+        ) from None
     return LoopState(step=int(values["step"]), skipped_nonfinite=int(values.get("skipped_nonfinite", 0)))

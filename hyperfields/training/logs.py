@@ -19,9 +19,17 @@ def print0(accelerator: Accelerator, *args: Any, markup: bool = True) -> None:
 
 def progress_bar(accelerator: Accelerator) -> Progress:
     """A progress bar of training steps with their rate and loss, shown by the main process only."""
-    return Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} step/s"),
-                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=CONSOLE,
-                    disable=not accelerator.is_main_process, transient=False)
+    return Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} step/s"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=CONSOLE,
+        disable=not accelerator.is_main_process,
+        transient=False,
+    )
 
 
 def hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

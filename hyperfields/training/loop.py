@@ -45,10 +45,13 @@ def evaluate(run: TrainingRun, step: int) -> float | None:
         images = torch.stack([heldout[i]["pixel_values"] for i in range(len(heldout))]).to(accelerator.device)
         captions = [heldout[i]["caption"] for i in range(len(heldout))]
         if run.reference is None:
-            print0(accelerator, f"held-out: real optimisation of {len(heldout)} images "
-                                f"for T={config.objective.steps} steps (once)")
-            run.reference = heldout_reference(run.task, images, captions, config.objective, config.train.eval_draws,
-                                              config.train.seed + 99)
+            print0(
+                accelerator,
+                f"held-out: real optimisation of {len(heldout)} images for T={config.objective.steps} steps (once)",
+            )
+            run.reference = heldout_reference(
+                run.task, images, captions, config.objective, config.train.eval_draws, config.train.seed + 99
+            )
         field = accelerator.unwrap_model(run.field)
         field.eval()
         report = evaluate_field(run.task, field, images, run.reference, config.objective.steps)
@@ -76,10 +79,14 @@ def skip_nonfinite(run: TrainingRun, state: LoopState, error: NonFiniteError) ->
     state.skipped_nonfinite += 1
     allowed = run.config.train.skip_nonfinite
     if state.skipped_nonfinite > allowed:
-        raise TrainingError(f"stopped at step {state.step + 1}: {error}; {last_checkpoint_text(run.output)} "
-                            f"(train.skip_nonfinite=N skips up to N such steps)") from None
-    print0(run.accelerator, f"[yellow]warning:[/] step {state.step + 1}: {error}; skipped "
-                            f"({state.skipped_nonfinite} of {allowed} allowed)")
+        raise TrainingError(
+            f"stopped at step {state.step + 1}: {error}; {last_checkpoint_text(run.output)} "
+            f"(train.skip_nonfinite=N skips up to N such steps)"
+        ) from None
+    print0(
+        run.accelerator,
+        f"[yellow]warning:[/] step {state.step + 1}: {error}; skipped ({state.skipped_nonfinite} of {allowed} allowed)",
+    )
 
 
 def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:

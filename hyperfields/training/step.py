@@ -13,8 +13,15 @@ def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
     """Micro-batch `micro` of `step` on this process: its images' conditions, steps t, noise and theta_T."""
     config, accelerator = run.config, run.accelerator
     seed, process = config.train.seed, accelerator.process_index
-    picks, t = training_draws(seed, step, process, micro, len(run.dataset), config.train.batch_size,
-                              config.objective.steps - config.objective.rollout)
+    picks, t = training_draws(
+        seed,
+        step,
+        process,
+        micro,
+        len(run.dataset),
+        config.train.batch_size,
+        config.objective.steps - config.objective.rollout,
+    )
     noise = stream(seed, "noise", step, process, micro, accelerator.device)
     field_inputs, inputs = run.cache.get(picks) if run.cache is not None else run.conditions(picks)
     if run.theta_T is None:
