@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from hyperfields.config import Config
-from hyperfields.data import ImageCaptionDataset, ImageRecord, scan_image_folder, split_heldout
+from hyperfields.data import ImageRecord, scan_image_folder
+from hyperfields.dataset import ImageCaptionDataset, split_heldout
 from hyperfields.errors import UserError, error_line
 from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.objectives import real_trajectory

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import hyperfields
-from hyperfields.data import load_image
+from hyperfields.dataset import load_image
 from hyperfields.errors import UserError, error_line
 from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField

@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hyperfields.config import Config, load_config  # noqa: E402
-from hyperfields.data import ImageCaptionDataset, scan_image_folder  # noqa: E402
+from hyperfields.data import scan_image_folder  # noqa: E402
+from hyperfields.dataset import ImageCaptionDataset  # noqa: E402
 from hyperfields.evaluation import heldout_losses, psnr_db  # noqa: E402
 from hyperfields.field.io import load_field  # noqa: E402
 from hyperfields.objectives import real_trajectory  # noqa: E402

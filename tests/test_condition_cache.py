@@ -188,7 +188,7 @@ def test_cache_build_under_torchrun_splits_the_images_across_processes(photos, t
 
 
 def test_with_a_condition_cache_decoded_pixels_are_not_kept(photos, tmp_path):
-    from hyperfields.data import ImageCaptionDataset
+    from hyperfields.dataset import ImageCaptionDataset
     from hyperfields.errors import UserError
 
     photo = tmp_path / "photo.png"

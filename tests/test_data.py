@@ -13,13 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hyperfields.data import (
-    ImageCaptionDataset,
-    ImageRecord,
-    load_image,
-    scan_image_folder,
-    split_heldout,
-)
+from hyperfields.data import ImageRecord, scan_image_folder
+from hyperfields.dataset import ImageCaptionDataset, load_image, split_heldout
 from hyperfields.errors import UserError
 
 

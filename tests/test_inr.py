@@ -102,7 +102,7 @@ def test_train_command_fits_crops_with_the_inr_config(tmp_path):
     from typer.testing import CliRunner
 
     from hyperfields.cli.main import app
-    from hyperfields.data import load_image
+    from hyperfields.dataset import load_image
     from hyperfields.field.io import load_field
 
     for i, image in enumerate(smooth_images(6, 16, seed=4)):

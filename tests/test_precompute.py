@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
 from hyperfields.config import load_config
-from hyperfields.data import load_image
+from hyperfields.dataset import load_image
 from hyperfields.field.io import load_field
 from hyperfields.objectives import real_trajectory, supervised_loss
 from hyperfields.tasks import build_task

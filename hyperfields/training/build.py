@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from hyperfields.config import Config
-from hyperfields.data import ImageCaptionDataset, split_heldout
+from hyperfields.dataset import ImageCaptionDataset, split_heldout
 from hyperfields.errors import UserError
 from hyperfields.evaluation import HeldoutReference
 from hyperfields.field.encoder import ImageEncoder
