@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from hyperfields.config import ObjectiveConfig
-from hyperfields.objectives import real_trajectory
 from hyperfields.streams import stream
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights
+from hyperfields.trajectory import real_trajectory
 
 
 def psnr_db(mse: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ supervised regression on precomputed weights."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,117 +11,22 @@ import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.tasks.base import Task, Weights
-
-EPS = 1e-12
-
-
-class NonFiniteError(RuntimeError):
-    """A loss, gradient or field output held NaN or Inf."""
-
-
-# Per-tensor maths runs on stacks of the tensors that share a shape: a UNet LoRA has hundreds to a thousand
-# tensors in a handful of shapes, and a few ops per shape instead of per tensor keeps the step's op count
-# (kernel launches on a GPU) independent of the number of LoRA layers.
-
-
-def _shape_groups(weights: Weights) -> list[list[str]]:
-    """The names of `weights` grouped by per-sample shape, in order of first appearance."""
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for name, w in weights.items():
-        groups.setdefault(tuple(w.shape[1:]), []).append(name)
-    return list(groups.values())
-
-
-def _stack(weights: Weights, groups: list[list[str]]) -> list[torch.Tensor]:
-    return [torch.stack([weights[name] for name in names], dim=1) for names in groups]  # each (N, n, *shape)
-
-
-def _unstack(stacks: list[torch.Tensor], groups: list[list[str]], order: Iterable[str]) -> Weights:
-    """The tensors of the stacks by name, in `order`."""
-    found = {name: w for names, stack in zip(groups, stacks) for name, w in zip(names, stack.unbind(1))}
-    return {name: found[name] for name in order}
-
-
-def _norms(stack: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-tensor norms of a stack (N, n, *shape), shaped (N, n, 1, ...) to broadcast against it."""
-    return stack.reshape(*stack.shape[:2], -1).norm(dim=2).view(*stack.shape[:2], *([1] * (stack.ndim - 2)))
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())  # one device sync, not one per tensor
-
-
-def _direction(stack: torch.Tensor, rule: str) -> torch.Tensor:
-    if rule == "sgd":
-        return stack
-    if rule == "sign":
-        return stack.sign()
-    if rule == "normalized":
-        return stack / (_norms(stack) + EPS)
-    raise ValueError(f"unknown update rule {rule!r}")
-
-
-def update_direction(grads: Weights, rule: str) -> Weights:
-    """u(g) per tensor and sample: the gradient (sgd), its sign, or the gradient of unit norm."""
-    groups = _shape_groups(grads)
-    return _unstack([_direction(g, rule) for g in _stack(grads, groups)], groups, grads)
-
-
-def task_gradients(
-    task: Task, weights: Weights, inputs: Any, draws: int, generator: torch.Generator
-) -> tuple[Weights, torch.Tensor]:
-    """Per-sample gradients of the task loss at `weights`, and the per-sample losses (N,)."""
-    leaves = {name: w.detach().requires_grad_(True) for name, w in weights.items()}
-    with torch.enable_grad():
-        losses = task.loss(leaves, inputs, draws, generator)
-        # Each sample's loss depends only on its own weights, so one backward gives every per-sample gradient.
-        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
-    return dict(zip(leaves, grads)), losses.detach()
-
-
-def real_trajectory(
-    task: Task,
-    start: Weights,
-    inputs: Any,
-    objective: ObjectiveConfig,
-    generator: torch.Generator,
-    steps: int,
-    on_step: Callable[[int], None] | None = None,
-) -> tuple[list[Weights], torch.Tensor]:
-    """The weights after each of `steps` real updates from `start` (theta_{k+1} = theta_k - eta * u(grad)),
-    and the per-sample task loss (N,) at `start`."""
-    theta = {name: w.detach() for name, w in start.items()}
-    groups = _shape_groups(theta)
-    trajectory, start_losses = [], None
-    for k in range(steps):
-        grads, losses = task_gradients(task, theta, inputs, objective.noise_draws, generator)
-        stacked = _stack(grads, groups)
-        if not _all_finite([losses, *stacked]):
-            raise NonFiniteError("non-finite task loss or gradient in a real update")
-        start_losses = losses if start_losses is None else start_losses
-        max_norm = objective.max_step_norm / objective.step_size
-        updated = [
-            w - objective.step_size * _cap(_direction(g, objective.update), max_norm)
-            for w, g in zip(_stack(theta, groups), stacked)
-        ]
-        theta = _unstack(updated, groups, start)
-        trajectory.append(theta)
-        if on_step is not None:
-            on_step(k)
-    return trajectory, start_losses
-
-
-def _cap(step: torch.Tensor, max_norm: float) -> torch.Tensor:
-    # Positive feedback guard: larger weights give larger gradients; bound each tensor's step.
-    if max_norm <= 0:
-        return step
-    return step * (max_norm / (_norms(step) + EPS)).clamp(max=1.0)
+from hyperfields.trajectory import (
+    EPS,
+    NonFiniteError,
+    all_finite,
+    real_trajectory,
+    shape_groups,
+    stack_by_shape,
+    tensor_norms,
+    unstack_by_shape,
+)
 
 
 def step_loss(predicted_step: Weights, real_step: Weights, kind: str) -> torch.Tensor:
     """Mean over tensors and samples of the predicted step's error against the real step, per-tensor normalised."""
-    groups = _shape_groups(real_step)
-    return _stacked_step_loss(_stack(predicted_step, groups), _stack(real_step, groups), kind)
+    groups = shape_groups(real_step)
+    return _stacked_step_loss(stack_by_shape(predicted_step, groups), stack_by_shape(real_step, groups), kind)
 
 
 def _stacked_step_loss(predicted: list[torch.Tensor], real: list[torch.Tensor], kind: str) -> torch.Tensor:
@@ -168,15 +73,15 @@ def gradient_matching_loss(
     psi = field(t=steps, **field_inputs)  # each (N, M, *shape)
     at_T = {name: w[:, -1] for name, w in psi.items()} if objective.end_weight > 0 else None
     psi = {name: w[:, : rollout + 1].reshape(-1, *w.shape[2:]) for name, w in psi.items()}  # rows ordered (sample, k)
-    groups = _shape_groups(psi)
-    stacks = [s.view(n, rollout + 1, *s.shape[1:]) for s in _stack(psi, groups)]  # each (N, K+1, n, *shape)
+    groups = shape_groups(psi)
+    stacks = [s.view(n, rollout + 1, *s.shape[1:]) for s in stack_by_shape(psi, groups)]  # each (N, K+1, n, *shape)
     theta_hat = [s[:, 0].detach() for s in stacks]
-    if not _all_finite(theta_hat):
+    if not all_finite(theta_hat):
         raise NonFiniteError("non-finite field output")
     targets, task_losses = real_trajectory(
-        task, _unstack(theta_hat, groups, psi), inputs, objective, generator, rollout
+        task, unstack_by_shape(theta_hat, groups, psi), inputs, objective, generator, rollout
     )
-    real_steps = [[r - h for r, h in zip(_stack(target, groups), theta_hat)] for target in targets]
+    real_steps = [[r - h for r, h in zip(stack_by_shape(target, groups), theta_hat)] for target in targets]
     # "position" (docs/design.md): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
     # gradient through both ends and fits Psi(t+k) - Psi(t) as a whole.
@@ -188,11 +93,11 @@ def gradient_matching_loss(
         ]
     ).mean()
     if objective.hinge_weight > 0:
-        psi_next = _unstack([s[:, 1] for s in stacks], groups, psi)
+        psi_next = unstack_by_shape([s[:, 1] for s in stacks], groups, psi)
         loss = loss + objective.hinge_weight * hinge_loss(task, psi_next, targets[0], inputs, objective, generator)
     if objective.end_weight > 0:
         loss = loss + objective.end_weight * end_loss(task, at_T, inputs, objective, generator)
-    step_norm = torch.cat([_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()
+    step_norm = torch.cat([tensor_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()
     return MatchingStats(loss=loss, task_loss=float(task_losses.mean()), step_norm=float(step_norm))
 
 

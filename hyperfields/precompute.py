@@ -21,10 +21,10 @@ from hyperfields.data import ImageRecord, scan_image_folder
 from hyperfields.dataset import ImageCaptionDataset, split_heldout
 from hyperfields.errors import UserError, error_line
 from hyperfields.files import write_folder, write_safetensors, write_text
-from hyperfields.objectives import real_trajectory
 from hyperfields.streams import stream
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
+from hyperfields.trajectory import real_trajectory
 
 FORMAT = "hyperfields-precomputed"
 INDEX_NAME = "index.json"

@@ -18,11 +18,11 @@ from hyperfields.field.model import HyperField
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
 from hyperfields.models import load_pipeline_components
-from hyperfields.objectives import real_trajectory
 from hyperfields.predict import Photo, check_base_model, predict_lora, require_task
 from hyperfields.streams import stream
 from hyperfields.tasks.base import Weights
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from hyperfields.trajectory import real_trajectory
 
 
 @dataclass

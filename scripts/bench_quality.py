@@ -45,12 +45,12 @@ from hyperfields.data import scan_image_folder  # noqa: E402
 from hyperfields.dataset import ImageCaptionDataset  # noqa: E402
 from hyperfields.evaluation import heldout_losses, psnr_db  # noqa: E402
 from hyperfields.field.io import load_field  # noqa: E402
-from hyperfields.objectives import real_trajectory  # noqa: E402
 from hyperfields.precompute import precompute  # noqa: E402
 from hyperfields.streams import stream  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 from hyperfields.tasks.base import ImageFittingTask, Task, Weights  # noqa: E402
 from hyperfields.training import train  # noqa: E402
+from hyperfields.trajectory import real_trajectory  # noqa: E402
 
 TRAIN_PHOTOS = (
     "astronaut",

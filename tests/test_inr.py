@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from hyperfields.config import InrConfig, ObjectiveConfig
 from hyperfields.evaluation import heldout_reference, psnr_db
-from hyperfields.objectives import real_trajectory
 from hyperfields.tasks.base import ImageFittingTask
 from hyperfields.tasks.inr import InrTask
+from hyperfields.trajectory import real_trajectory
 
 
 def smooth_images(n: int, size: int, seed: int) -> torch.Tensor:

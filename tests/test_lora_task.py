@@ -9,8 +9,9 @@ from hyperfields.config import LoraConfig, ObjectiveConfig
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
 from hyperfields.models import load_encoder, load_pipeline_components
-from hyperfields.objectives import gradient_matching_loss, task_gradients
+from hyperfields.objectives import gradient_matching_loss
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from hyperfields.trajectory import task_gradients
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,8 @@ import torch
 
 from hyperfields.config import ObjectiveConfig
 from hyperfields.field.model import HyperField
-from hyperfields.objectives import (
-    NonFiniteError,
-    gradient_matching_loss,
-    step_loss,
-    update_direction,
-)
+from hyperfields.objectives import gradient_matching_loss, step_loss
+from hyperfields.trajectory import NonFiniteError, update_direction
 from tests.conftest import QuadraticTask, tiny_vit_encoder
 
 

@@ -17,8 +17,9 @@ from hyperfields.cli.main import app
 from hyperfields.config import load_config
 from hyperfields.dataset import load_image
 from hyperfields.field.io import load_field
-from hyperfields.objectives import real_trajectory, supervised_loss
+from hyperfields.objectives import supervised_loss
 from hyperfields.tasks import build_task
+from hyperfields.trajectory import real_trajectory
 from tests.conftest import clean_exit
 
 runner = CliRunner()

@@ -19,9 +19,10 @@ from hyperfields.lora.targets import find_lora_targets
 from hyperfields.models import load_pipeline_components
 from hyperfields.models.architectures import build_unet
 from hyperfields.models.tiny import TINY_XL
-from hyperfields.objectives import step_loss, task_gradients, update_direction
+from hyperfields.objectives import step_loss
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 from hyperfields.training.cache import ConditionCache
+from hyperfields.trajectory import task_gradients, update_direction
 
 
 @pytest.fixture(scope="module", autouse=True)

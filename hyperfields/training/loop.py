@@ -13,7 +13,6 @@ from hyperfields.errors import TrainingError
 from hyperfields.evaluation import evaluate_field, heldout_reference
 from hyperfields.field.io import save_field
 from hyperfields.files import writable_folder
-from hyperfields.objectives import NonFiniteError
 from hyperfields.training.build import TrainingRun, build_run, field_record
 from hyperfields.training.checkpoints import (
     LoopState,
@@ -24,6 +23,7 @@ from hyperfields.training.checkpoints import (
 )
 from hyperfields.training.logs import hparams, print0, progress_bar
 from hyperfields.training.step import train_step
+from hyperfields.trajectory import NonFiniteError
 
 
 @dataclass

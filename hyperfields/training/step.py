@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hyperfields.objectives import MicroBatch, NonFiniteError, objective_loss
+from hyperfields.objectives import MicroBatch, objective_loss
 from hyperfields.streams import stream, training_draws
 from hyperfields.training.build import TrainingRun
+from hyperfields.trajectory import NonFiniteError
 
 
 def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
