@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import hyperfields
 from hyperfields.cli.main import app
-from hyperfields.config import load_config, presets
+from hyperfields.config import load_config
+from hyperfields.config_values import presets
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import hyperfields.cli.train as train_cli
 from hyperfields.cli.main import app
-from hyperfields.config import Config, load_config, presets
+from hyperfields.config import Config, load_config
+from hyperfields.config_values import presets
 from hyperfields.errors import UserError
 from tests.conftest import clean_exit
 
@@ -64,7 +65,8 @@ def test_installed_wheel_resolves_a_preset_by_name_from_the_package(wheel, tmp_p
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking
     script = (
-        "from hyperfields.config import load_config, resolve_config; print(resolve_config('sd15')); "
+        "from hyperfields.config import load_config; from hyperfields.config_values import resolve_config; "
+        "print(resolve_config('sd15')); "
         "print(load_config('sd15').model.resolution)"
     )
     result = subprocess.run(

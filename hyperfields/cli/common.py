@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 import hyperfields
-from hyperfields.config import presets
+from hyperfields.config_values import presets
 from hyperfields.errors import TrainingError, UserError, printable
 from hyperfields.lora import LoraFormat
 
