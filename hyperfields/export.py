@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from hyperfields.data import scan_image_folder
 from hyperfields.errors import UserError, error_line
-from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
+from hyperfields.field.record import FieldRecord
 from hyperfields.files import atomic_write, writable_folder
 from hyperfields.lora import LoraFormat, LoraPrecision
 from hyperfields.lora.formats import BaseModelFamily, LoraOrigin, write_lora

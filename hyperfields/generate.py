@@ -18,8 +18,9 @@ from PIL import Image
 import hyperfields
 from hyperfields.config import config_from_dict
 from hyperfields.errors import UserError
-from hyperfields.field.io import FieldRecord, field_state_dict
+from hyperfields.field.io import field_state_dict
 from hyperfields.field.model import HyperField
+from hyperfields.field.record import FieldRecord
 from hyperfields.files import atomic_write, cache_root
 from hyperfields.lora.formats import write_lora
 from hyperfields.models import load_pipeline

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
+from hyperfields.field.record import FieldRecord
 from hyperfields.lora.formats import LoraWeights
 
 

@@ -11,8 +11,8 @@ import torch
 import hyperfields
 from hyperfields.dataset import load_image
 from hyperfields.errors import UserError, error_line
-from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
+from hyperfields.field.record import FieldRecord
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.targets import layout_mismatch
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from hyperfields.config import LoraConfig, config_from_dict
-from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
+from hyperfields.field.record import FieldRecord
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
 from hyperfields.models import load_pipeline_components

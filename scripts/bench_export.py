@@ -22,8 +22,9 @@ from PIL import Image  # noqa: E402
 
 from hyperfields.config import load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
-from hyperfields.field.io import FieldRecord, load_field  # noqa: E402
+from hyperfields.field.io import load_field  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402
+from hyperfields.field.record import FieldRecord  # noqa: E402
 from hyperfields.lora.formats import write_lora  # noqa: E402
 from hyperfields.models import load_encoder  # noqa: E402
 from hyperfields.predict import predict_lora, read_photo  # noqa: E402

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
-from hyperfields.field.io import FieldRecord, load_field, push_field, save_field
+from hyperfields.field.io import load_field, push_field, save_field
+from hyperfields.field.record import FieldRecord
 from hyperfields.generate import cached_lora_file
 from hyperfields.models import load_encoder
 from hyperfields.models.tiny import tiny_models_dir

@@ -36,7 +36,8 @@ from hyperfields.cli.main import app
 from hyperfields.config import Config, load_config
 from hyperfields.data import IMAGE_SUFFIXES, METADATA_NAME, ImageRecord, scan_image_folder
 from hyperfields.errors import UserError, printable
-from hyperfields.field.io import REQUIRED_RECORD, load_field
+from hyperfields.field.io import load_field
+from hyperfields.field.record import REQUIRED_RECORD
 from hyperfields.precompute import INDEX_NAME, THETA0_PREFIX, WEIGHTS_NAME, load_precomputed, write_precomputed
 from hyperfields.predict import read_photo
 from tests.conftest import QuadraticTask, clean_exit

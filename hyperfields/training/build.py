@@ -19,8 +19,8 @@ from hyperfields.dataset import ImageCaptionDataset, split_heldout
 from hyperfields.errors import UserError
 from hyperfields.evaluation import HeldoutReference
 from hyperfields.field.encoder import ImageEncoder
-from hyperfields.field.io import FieldRecord
 from hyperfields.field.model import HyperField
+from hyperfields.field.record import FieldRecord
 from hyperfields.manifest import MANIFEST_NAME, scan_with_manifest
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
