@@ -81,6 +81,29 @@ def quadratic_task() -> QuadraticTask:
     return QuadraticTask()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: a multithreaded kernel sums in an order that depends on the batch it is
+    given, so two ways of computing the same update agree to the last bit only on one thread; Adam's first steps
+    turn last-bit differences into 1e-5 ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# A few seconds of training on the tiny models: the CLI tests' shared overrides.
+FAST = [
+    *("--set", "train.batch_size=2"),
+    *("--set", "objective.steps=6"),
+    *("--set", "train.heldout=1"),
+    *("--set", "train.eval_draws=2"),
+    *("--set", "field.width=32"),
+    *("--set", "field.depth=1"),
+    *("--set", "train.warmup_steps=1"),
+]
+
+
 def clean_exit(result) -> bool:
     """True when a CliRunner command ended through its own exit code, not an uncaught exception.
 

@@ -56,7 +56,15 @@ def field_weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "field" / "model.safetensors"))
 
 
-def test_no_cache_memory_cache_and_disk_cache_train_the_same_field(photos, tmp_path):
+def test_no_cache_memory_cache_and_disk_cache_train_the_same_field(photos, tmp_path, one_thread):
+    fields = train_three_ways(photos, tmp_path)
+    assert 0 < len(list((tmp_path / "disk" / "cache").rglob("*.safetensors"))) <= 5  # one per image drawn
+    for kind in ("memory", "disk"):
+        for name, tensor in fields["none"].items():
+            torch.testing.assert_close(fields[kind][name], tensor, rtol=0, atol=1e-6, msg=f"{kind}: {name}")
+
+
+def train_three_ways(photos: Path, tmp_path: Path) -> dict[str, dict[str, torch.Tensor]]:
     fields = {}
     arms = (("none", "train.cache=none"), ("memory", "train.cache_latents=true"), ("disk", "train.cache=disk"))
     for kind, setting in arms:
@@ -65,10 +73,7 @@ def test_no_cache_memory_cache_and_disk_cache_train_the_same_field(photos, tmp_p
         fields[kind] = field_weights(tmp_path / kind)
         if kind == "memory":  # the old key still works, with one note
             assert "train.cache_latents is deprecated" in result.output
-    assert 0 < len(list((tmp_path / "disk" / "cache").rglob("*.safetensors"))) <= 5  # one per image drawn
-    for kind in ("memory", "disk"):
-        for name, tensor in fields["none"].items():
-            torch.testing.assert_close(fields[kind][name], tensor, rtol=0, atol=1e-6, msg=f"{kind}: {name}")
+    return fields
 
 
 def test_cache_build_fills_the_cache_that_training_then_only_reads(photos, tmp_path, monkeypatch):

@@ -25,26 +25,10 @@ from hyperfields.errors import UserError
 from hyperfields.field.io import load_field
 from hyperfields.field.model import HyperField
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
-from tests.conftest import clean_exit
+from tests.conftest import FAST, clean_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-FAST = [
-    "--set",
-    "train.batch_size=2",
-    "--set",
-    "objective.steps=6",
-    "--set",
-    "train.heldout=1",
-    "--set",
-    "train.eval_draws=2",
-    "--set",
-    "field.width=32",
-    "--set",
-    "field.depth=1",
-    "--set",
-    "train.warmup_steps=1",
-]
 
 
 @pytest.fixture(scope="module")

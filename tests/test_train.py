@@ -15,25 +15,9 @@ from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
 from hyperfields.field.io import load_field
-from tests.conftest import clean_exit
+from tests.conftest import FAST, clean_exit
 
 runner = CliRunner()
-FAST = [
-    "--set",
-    "train.batch_size=2",
-    "--set",
-    "objective.steps=6",
-    "--set",
-    "train.heldout=1",
-    "--set",
-    "train.eval_draws=2",
-    "--set",
-    "field.width=32",
-    "--set",
-    "field.depth=1",
-    "--set",
-    "train.warmup_steps=1",
-]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +178,7 @@ def test_ema_field_is_the_moving_average_not_the_last_weights(photos, tmp_path):
     assert all(not torch.equal(saved[name], raw[2][name]) for name in moved), "the saved field is not the raw weights"
 
 
-def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tmp_path, monkeypatch):
+def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tmp_path, monkeypatch, one_thread):
     from hyperfields.training import step as training_step
 
     rng = np.random.default_rng(3)
