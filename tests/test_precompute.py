@@ -132,26 +132,15 @@ def test_supervised_training_with_missing_or_mismatched_weights_is_exit_code_2(
     photos, precomputed, tmp_path, extra, expected
 ):
     extra = [value.format(folder=precomputed) for value in extra]
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--config",
-            "configs/inr.yaml",
-            "--data",
-            str(photos),
-            "--output",
-            str(tmp_path / "o"),
-            "--max-steps",
-            "1",
-            *SMALL,
-            "--set",
-            "objective.kind=supervised",
-            *extra,
-        ],
-    )
+    result = train_supervised_one_step(photos, tmp_path / "o", *extra)
     assert result.exit_code == 2, result.output
     assert expected in result.output and clean_exit(result)
+
+
+def train_supervised_one_step(photos: Path, output: Path, *extra: str):
+    """`hyperfields train` of the supervised baseline for one step on the small inr config."""
+    arguments = ["train", "--config", "configs/inr.yaml", "--data", str(photos), "--output", str(output)]
+    return runner.invoke(app, [*arguments, "--max-steps", "1", *SMALL, "--set", "objective.kind=supervised", *extra])
 
 
 def drop_one_tensor(folder: Path) -> None:
@@ -173,25 +162,7 @@ def test_tampered_precomputed_weights_are_exit_code_2(photos, precomputed, tmp_p
     tampered = tmp_path / "tampered"
     shutil.copytree(precomputed, tampered)
     tamper(tampered)
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--config",
-            "configs/inr.yaml",
-            "--data",
-            str(photos),
-            "--output",
-            str(tmp_path / "o"),
-            "--max-steps",
-            "1",
-            *SMALL,
-            "--set",
-            "objective.kind=supervised",
-            "--set",
-            f"objective.precomputed={tampered}",
-        ],
-    )
+    result = train_supervised_one_step(photos, tmp_path / "o", "--set", f"objective.precomputed={tampered}")
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0] and str(tampered) in errors[0], result.output
