@@ -66,6 +66,8 @@ def test_two_processes_train_the_same_field(tmp_path):
     checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2", "checkpoint-3"]
     assert len(list((output / "checkpoints" / "checkpoint-2").glob("model*.safetensors"))) == 1
+    random_states = {p.name for p in (output / "checkpoints" / "checkpoint-2").glob("random_states_*")}
+    assert random_states == {"random_states_0.safetensors", "random_states_1.safetensors"}, "one file per process"
     field, record = load_field(output / "field")
     assert record.trained_steps == 3
     for name, value in rank0.items():

@@ -62,17 +62,17 @@ def field_tensors(output: Path) -> dict[str, torch.Tensor]:
 # staged but before they are renamed into place, the moment a kill during a checkpoint write can leave behind.
 KILLED_WHILE_CHECKPOINTING = """
 import os, signal
-from accelerate import Accelerator
+from hyperfields.training import checkpoints
 from hyperfields.cli.main import app
 
-save_state = Accelerator.save_state
+replace_folder = checkpoints.replace_folder
 
-def save_then_die(self, output_dir, **kwargs):
-    save_state(self, output_dir, **kwargs)
-    if output_dir.endswith(".tmp-checkpoint-6"):
+def die_before_the_rename(staging, final):
+    if staging.name == ".tmp-checkpoint-6":
         os.kill(os.getpid(), signal.SIGKILL)
+    return replace_folder(staging, final)
 
-Accelerator.save_state = save_then_die
+checkpoints.replace_folder = die_before_the_rename
 app()
 """
 
@@ -290,14 +290,31 @@ def test_truncated_or_pickle_planted_checkpoint_is_a_clear_error_on_resume(photo
     )
     assert result.exit_code == 2 and "checkpoint-2" in result.output and clean_exit(result)
 
-    # accelerate's optimizer.bin is a pickle loaded with weights_only=True: code planted in it is refused, never run.
+    # A checkpoint that keeps its optimiser state as accelerate's pickle is refused, its pickle never loaded.
     marker = tmp_path / "code-ran"
     torch.save({"state": Payload(marker)}, run / "checkpoints" / "checkpoint-1" / "optimizer.bin")
     result = runner.invoke(
         app, train_args(photos, run, "--max-steps", "3", "--resume", str(run / "checkpoints" / "checkpoint-1"))
     )
-    assert result.exit_code == 2 and "checkpoint-1" in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "checkpoint-1" in errors[0], result.output
+    assert "optimizer.bin" in errors[0] and "train again from the start" in errors[0]
     assert not marker.exists()
+
+
+def test_a_pickle_planted_under_any_name_of_a_checkpoint_is_never_loaded(photos, tmp_path):
+    run, ema = tmp_path / "run", ("--set", "train.ema_decay=0.9")
+    trained = runner.invoke(app, train_args(photos, run, "--max-steps", "1", *ema))
+    assert trained.exit_code == 0, trained.output
+    checkpoint = run / "checkpoints" / "checkpoint-1"
+    marker = tmp_path / "code-ran"
+    for path in sorted(checkpoint.iterdir()):
+        kept = path.read_bytes()
+        torch.save({"state": Payload(marker)}, path)
+        result = runner.invoke(app, train_args(photos, run, "--max-steps", "2", *ema, "--resume", str(checkpoint)))
+        assert result.exit_code == 2 and "checkpoint-1" in result.output and clean_exit(result), (path, result.output)
+        assert not marker.exists(), path
+        path.write_bytes(kept)
 
 
 def test_unwritable_output_is_exit_code_2(photos, tmp_path):
@@ -310,10 +327,14 @@ def test_unwritable_output_is_exit_code_2(photos, tmp_path):
 def test_disk_full_while_writing_the_field_leaves_nothing_under_its_name(photos, tmp_path, monkeypatch):
     import hyperfields.files as files
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    real_save = files.save_file
 
-    monkeypatch.setattr(files, "save_file", disk_full)
+    def disk_full_in_the_field(tensors, path, **kwargs):  # checkpoints are written, the field is not
+        if Path(path).parent.name.startswith(".field"):
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, **kwargs)
+
+    monkeypatch.setattr(files, "save_file", disk_full_in_the_field)
     result = runner.invoke(app, train_args(photos, tmp_path / "run", "--max-steps", "1"))
     assert result.exit_code == 2 and "No space left" in result.output
     assert not (tmp_path / "run" / "field").exists()
@@ -323,16 +344,16 @@ def test_disk_full_while_writing_the_field_leaves_nothing_under_its_name(photos,
 def test_disk_full_while_writing_a_checkpoint_stops_with_one_line_and_no_checkpoint_under_its_name(
     photos, tmp_path, monkeypatch
 ):
-    import accelerate.checkpointing
+    import hyperfields.files as files
 
-    real_save = accelerate.checkpointing.save
+    real_save = files.save_file
 
-    def disk_full_after_the_model(obj, path, **kwargs):  # model.safetensors is staged, optimizer.bin fails
-        if not str(path).endswith(".safetensors"):
+    def disk_full_after_the_model(tensors, path, **kwargs):  # model.safetensors is staged, the optimiser fails
+        if not Path(path).name.startswith(".model.safetensors."):
             raise OSError(28, "No space left on device")
-        return real_save(obj, path, **kwargs)
+        return real_save(tensors, path, **kwargs)
 
-    monkeypatch.setattr(accelerate.checkpointing, "save", disk_full_after_the_model)
+    monkeypatch.setattr(files, "save_file", disk_full_after_the_model)
     result = runner.invoke(app, train_args(photos, tmp_path / "run", "--max-steps", "2", "--checkpoint-every", "1"))
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert (
@@ -390,13 +411,16 @@ def test_no_file_of_a_field_unpickles(run_with_ema):
     assert {p.name for p in (run_with_ema / "field").iterdir()} == {"model.safetensors", "config.json", "README.md"}
 
 
-# accelerate's own state files, written with torch.save and loaded with weights_only=True (code planted in them is
-# refused: test_truncated_or_pickle_planted_checkpoint_is_a_clear_error_on_resume). Everything else a checkpoint
-# holds is safetensors or JSON; once the optimiser, scheduler and RNG states are written that way too, this is empty.
-ACCELERATE_PICKLES = {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
-
-
-def test_no_file_of_a_checkpoint_unpickles_but_accelerates_own_state(run_with_ema):
-    pickled = pickled_files(run_with_ema / "checkpoints")
-    assert {Path(name).name for name in pickled} <= ACCELERATE_PICKLES, pickled
-    assert {Path(name).parent.name for name in pickled} == {"checkpoint-1", "checkpoint-2"}
+def test_no_file_of_a_checkpoint_unpickles(run_with_ema):
+    files = [p for p in (run_with_ema / "checkpoints").rglob("*") if p.is_file()]
+    assert {p.parent.name for p in files} == {"checkpoint-1", "checkpoint-2"}
+    assert [str(p) for p in files if unpickles(p) or not safetensors_or_json(p)] == []
+    assert {p.name for p in (run_with_ema / "checkpoints" / "checkpoint-2").iterdir()} == {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "random_states_0.safetensors",
+        "ema.safetensors",
+        "trainer_state.json",
+    }

@@ -1,5 +1,5 @@
 """Resumable checkpoints of a run: written by every process into a staging folder, renamed into place when
-complete, rotated, and found again by `resolve_resume`."""
+complete, rotated, and found again by `resolve_resume`. Every file is safetensors or JSON (state_io.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,26 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from hyperfields.errors import TrainingError, UserError, error_line
-from hyperfields.files import replace_folder, write_text
-from hyperfields.training.ema import EMA
+from hyperfields.files import replace_folder, write_safetensors, write_text
+from hyperfields.training.build import TrainingRun
+from hyperfields.training.state_io import (
+    load_optimizer,
+    load_random_states,
+    load_schedule,
+    save_optimizer,
+    save_random_states,
+    save_schedule,
+)
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
 EMA_NAME = "ema.safetensors"
+MODEL_NAME = "model.safetensors"  # the field's state_dict, frozen encoder included
+PICKLED_OPTIMIZER = "optimizer.bin"  # how accelerate's save_state kept the optimiser state
 
 
 @dataclass
@@ -58,14 +67,13 @@ def last_checkpoint_text(output: Path) -> str:
     return f"last good checkpoint: '{found[-1]}'" if found else "no checkpoint was written yet"
 
 
-def save_checkpoint(
-    accelerator: Accelerator, output: Path, state: LoopState, config: dict[str, Any], ema: EMA | None, limit: int
-) -> Path:
-    """`output/checkpoints/checkpoint-<step>`, complete; only the newest `limit` checkpoints are kept (0: all).
+def save_checkpoint(run: TrainingRun, state: LoopState) -> Path:
+    """`output/checkpoints/checkpoint-<step>`, complete; only the newest train.checkpoints_limit are kept (0: all).
 
-    accelerate's save_state writes from every process into one folder, so the staging folder has a name every
-    process knows (not files.write_folder's private temporary one); it is renamed into place when complete.
+    Every process writes its random states into one folder, so the staging folder has a name every process knows
+    (not files.write_folder's private temporary one); it is renamed into place when complete.
     """
+    accelerator, output = run.accelerator, run.output
     root = output / CHECKPOINTS
     final = root / f"checkpoint-{state.step}"
     staging = root / f".tmp-checkpoint-{state.step}"
@@ -74,12 +82,17 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(staging), safe_serialization=True)
+        weights = accelerator.get_state_dict(run.field)  # on every process: sharded models gather here
+        if accelerator.is_main_process:
+            write_safetensors(staging / MODEL_NAME, {name: w.cpu().contiguous() for name, w in weights.items()})
+            save_optimizer(run.optimizer, staging)
+            save_schedule(run.schedule, staging)
+        save_random_states(staging, accelerator.process_index)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            values = {"step": state.step, "skipped_nonfinite": state.skipped_nonfinite, "config": config}
-            if ema is not None:
-                ema.save(staging / EMA_NAME)
+            values = {"step": state.step, "skipped_nonfinite": state.skipped_nonfinite, "config": run.config.to_dict()}
+            if run.ema is not None:
+                run.ema.save(staging / EMA_NAME)
             # The state file is written last: a folder without it is never taken for a checkpoint.
             write_text(staging / STATE_NAME, json.dumps(values, indent=2) + "\n")
             replace_folder(staging, final)
@@ -89,6 +102,7 @@ def save_checkpoint(
             f"stopped at step {state.step}: cannot write checkpoint '{final}' "
             f"({error.strerror or error}); {last_checkpoint_text(output)}"
         ) from None
+    limit = run.config.train.checkpoints_limit
     if accelerator.is_main_process:
         for old in checkpoint_dirs(output)[:-limit] if limit else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -96,13 +110,21 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA | None) -> LoopState:
-    """The loop's state at checkpoint `path`, after restoring the model, optimiser, schedule, RNG and EMA from it."""
+def load_checkpoint(run: TrainingRun, path: Path) -> LoopState:
+    """The loop's state at checkpoint `path`, after restoring the field, optimiser, schedule, RNG and EMA from it."""
+    if (path / PICKLED_OPTIMIZER).exists():
+        raise UserError(
+            f"checkpoint '{path}' keeps its optimiser state in a pickle ({PICKLED_OPTIMIZER}), which is never loaded; "
+            "train again from the start, or finish this run with the hyperfields version that wrote it"
+        )
     try:
-        accelerator.load_state(str(path))
+        run.accelerator.unwrap_model(run.field).load_state_dict(load_file(str(path / MODEL_NAME)))
+        load_optimizer(run.optimizer, path)
+        load_schedule(run.schedule, path)
+        load_random_states(path, run.accelerator.process_index)
         values = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-        if ema is not None:
-            ema.load(path / EMA_NAME)
+        if run.ema is not None:
+            run.ema.load(path / EMA_NAME)
     except Exception as error:  # truncated or tampered files: say which checkpoint, not a traceback
         raise UserError(
             f"checkpoint '{path}' cannot be loaded ({error_line(error)}); resume from another checkpoint folder"

@@ -94,12 +94,9 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
     accelerator, config, train = run.accelerator, run.config, run.config.train
     state = LoopState()
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, run.ema)
+        state = load_checkpoint(run, resume_from)
         print0(accelerator, f"resumed from '{resume_from}' at step {state.step}")
     accelerator.init_trackers("hyperfields", config=hparams(config.to_dict()))  # on the main process only
-
-    def checkpoint() -> None:
-        save_checkpoint(accelerator, run.output, state, config.to_dict(), run.ema, train.checkpoints_limit)
 
     progress = progress_bar(accelerator)
     bar = progress.add_task("train", total=train.max_steps, completed=state.step, rate="-", loss="-")
@@ -119,10 +116,10 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
             if state.step % train.log_every == 0 or state.step == train.max_steps:
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
             if train.checkpoint_every and state.step % train.checkpoint_every == 0 and state.step < train.max_steps:
-                checkpoint()
+                save_checkpoint(run, state)
             if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
                 evaluate(run, state.step)
-    checkpoint()
+    save_checkpoint(run, state)
     if run.ema is not None:
         run.ema.copy_to_parameters()
     recovered = evaluate(run, state.step)
