@@ -1,7 +1,9 @@
-"""Run by torchrun from test_distributed.py: train a few steps, then dump this rank's field parameters."""
+"""Run by torchrun from test_distributed.py: train a few steps (from checkpoint $RESUME when set), then dump this
+rank's field parameters."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from hyperfields.training.loop import fit
 data, output = Path(sys.argv[1]), Path(sys.argv[2])
 config = load_config(Path("configs/tiny.yaml"), sys.argv[3:])
 run = build_run(config, data, output)
-fit(run)
+fit(run, Path(os.environ["RESUME"]) if os.environ.get("RESUME") else None)
 field = run.accelerator.unwrap_model(run.field)
 params = {name: p.detach().contiguous() for name, p in field.named_parameters() if p.requires_grad}
 save_file(params, str(output / f"params-rank{run.accelerator.process_index}.safetensors"))

@@ -1,8 +1,9 @@
-"""Two real CPU processes (torchrun + gloo): identical fields on both ranks, one checkpoint, loadable."""
+"""Two real CPU processes (torchrun + gloo): identical fields on both ranks, one checkpoint, loadable, resumable."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,26 +19,10 @@ from hyperfields.field.io import load_field
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_the_same_field(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"{i}.png")
-    output = tmp_path / "run"
-    overrides = [
-        "train.max_steps=3",
-        "train.checkpoint_every=2",
-        "train.batch_size=2",
-        "objective.steps=6",
-        "train.heldout=1",
-        "train.eval_draws=2",
-        "field.width=32",
-        "field.depth=1",
-        "train.warmup_steps=1",
-    ]
+def torchrun(photos: Path, output: Path, overrides: list[str], resume: Path | None = None) -> None:
+    """Train on two CPU processes with distributed_worker.py, from checkpoint `resume` if given."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["RESUME"] = str(resume or "")
     command = [
         sys.executable,
         "-m",
@@ -56,6 +41,28 @@ def test_two_processes_train_the_same_field(tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rank 0 of 2 done" in result.stdout and "rank 1 of 2 done" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_field_and_resume_it(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"{i}.png")
+    output = tmp_path / "run"
+    overrides = [
+        "train.max_steps=3",
+        "train.checkpoint_every=2",
+        "train.batch_size=2",
+        "objective.steps=6",
+        "train.heldout=1",
+        "train.eval_draws=2",
+        "field.width=32",
+        "field.depth=1",
+        "train.warmup_steps=1",
+    ]
+    torchrun(photos, output, overrides)
     rank0 = load_file(str(output / "params-rank0.safetensors"))
     rank1 = load_file(str(output / "params-rank1.safetensors"))
     assert rank0.keys() == rank1.keys()
@@ -72,3 +79,13 @@ def test_two_processes_train_the_same_field(tmp_path):
     assert record.trained_steps == 3
     for name, value in rank0.items():
         assert torch.equal(dict(field.named_parameters())[name].detach(), value), name
+
+    # Both processes resume from checkpoint-2 (the field, the optimiser on each, each its random states) and end
+    # where the uninterrupted run did.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    torchrun(photos, resumed, overrides, resume=resumed / "checkpoints" / "checkpoint-2")
+    for rank in (0, 1):
+        after = load_file(str(resumed / f"params-rank{rank}.safetensors"))
+        for name, value in rank0.items():
+            assert torch.allclose(after[name], value, atol=1e-6), (rank, name)
