@@ -82,7 +82,7 @@ def save_checkpoint(run: TrainingRun, state: LoopState) -> Path:
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
-        weights = accelerator.get_state_dict(run.field)  # on every process: sharded models gather here
+        weights = accelerator.get_state_dict(run.field)  # on every process: accelerate gathers sharded models here
         if accelerator.is_main_process:
             write_safetensors(staging / MODEL_NAME, {name: w.cpu().contiguous() for name, w in weights.items()})
             save_optimizer(run.optimizer, staging)
