@@ -100,6 +100,9 @@ class TrainConfig:
     # photo never reuses one; `hyperfields cache build` fills it before training.
     cache_dir: str = ""
     cache_latents: bool = False  # deprecated alias of cache=memory, accepted for one release
+    # Which training images each process draws from: "global" = all of them; "shard" = only the images i with
+    # i % processes == process, so each process reads (and caches) 1/processes of the folder.
+    sampling: Literal["global", "shard"] = "global"
     ema_decay: float = 0.0  # 0 = no EMA; else the final field is the EMA copy
     seed: int = 0
     checkpoint_every: int = 100  # 0 = only at the end

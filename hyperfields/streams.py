@@ -40,9 +40,20 @@ def training_draws(
     images: int,
     batch: int,
     last_t: int,
+    shards: int = 1,
 ) -> tuple[list[int], torch.Tensor]:
     """Which of `images` training images a micro-batch trains on, and each one's step t in [0, last_t]: two
-    independent streams, so every image meets every t."""
-    picks = torch.randint(0, images, (batch,), generator=stream(seed, "picks", step, process, micro)).tolist()
+    independent streams, so every image meets every t.
+
+    With `shards` > 1 the images are dealt into that many shards and `process` draws only from its own, the
+    images i with i % shards == process; with 1 (the default) every process draws from all of them.
+    """
+    if shards > 1 and not 0 <= process < shards:
+        raise ValueError(f"process {process} has no shard among {shards}")
+    members = range(process if shards > 1 else 0, images, shards)
+    if not members:
+        raise ValueError(f"shard {process} of {shards} holds none of the {images} training images")
+    drawn = torch.randint(0, len(members), (batch,), generator=stream(seed, "picks", step, process, micro))
+    picks = [members[i] for i in drawn.tolist()]
     t = torch.randint(0, last_t + 1, (batch,), generator=stream(seed, "steps", step, process, micro))
     return picks, t

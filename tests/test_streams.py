@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hyperfields.config import ObjectiveConfig
@@ -37,6 +38,47 @@ def test_pairs_are_spread_as_independent_draws_would_be():
     expected = counts.sum() / counts.numel()
     chi_square = float(((counts - expected) ** 2 / expected).sum())
     assert chi_square < 2 * counts.numel(), chi_square
+
+
+def draws_before_shards(seed, step, process, micro, images, batch, last_t):
+    """`training_draws` as it was before shard sampling existed: global sampling must still draw exactly this."""
+    picks = torch.randint(0, images, (batch,), generator=stream(seed, "picks", step, process, micro)).tolist()
+    t = torch.randint(0, last_t + 1, (batch,), generator=stream(seed, "steps", step, process, micro))
+    return picks, t
+
+
+def test_global_sampling_draws_what_it_always_drew():
+    # A changed draw would change every trained field and break resuming a run started before the change.
+    for seed, step, process, micro in ((0, 0, 0, 0), (7, 123, 3, 1), (2**40, 99_999, 15, 7)):
+        expected_picks, expected_t = draws_before_shards(seed, step, process, micro, 100_000, 8, 49)
+        picks, t = training_draws(seed, step, process, micro, 100_000, 8, 49)
+        assert picks == expected_picks and torch.equal(t, expected_t)
+    assert training_draws(0, 0, 0, 0, 10, 6, 9)[0] == [8, 6, 1, 5, 9, 1]  # recorded from the implementation above
+
+
+def test_shard_sampling_keeps_each_process_in_its_shard_and_covers_the_dataset():
+    images = 11  # not a multiple of the process counts: shards of unequal size
+    for processes in (1, 2, 3, 4):
+        drawn: set[int] = set()
+        for process in range(processes):
+            mine = set()
+            for step in range(200):
+                picks, t = training_draws(5, step, process, 0, images, 4, 9, shards=processes)
+                mine.update(picks)
+                assert t.shape == (4,)
+            assert all(i % processes == process for i in mine), (processes, process, sorted(mine))
+            assert mine == set(range(process, images, processes))  # every image of the shard is drawn
+            drawn |= mine
+        assert drawn == set(range(images))
+
+
+def test_one_shard_is_global_sampling():
+    assert training_draws(3, 4, 0, 1, 50, 8, 9, shards=1)[0] == draws_before_shards(3, 4, 0, 1, 50, 8, 9)[0]
+
+
+def test_a_process_without_a_shard_image_is_an_error():
+    with pytest.raises(ValueError, match="holds none"):
+        training_draws(0, 0, 3, 0, 3, 2, 9, shards=4)
 
 
 def test_streams_depend_on_every_number_and_on_nothing_else():

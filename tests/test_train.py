@@ -189,7 +189,7 @@ def test_two_accumulated_micro_batches_of_2_make_the_update_of_one_batch_of_4(tm
 
     # The same conditions and step t either way: images 0-3 in order, t = 3; the inr loss with every pixel has
     # no noise. Only the accumulation differs.
-    def draws_in_order(seed, step, process, micro, images, batch, last_t):
+    def draws_in_order(seed, step, process, micro, images, batch, last_t, shards=1):
         return list(range(micro * batch, (micro + 1) * batch)), torch.full((batch,), 3)
 
     monkeypatch.setattr(training_step, "training_draws", draws_in_order)

@@ -153,6 +153,11 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
     train, objective = config.train, config.objective
     accelerator = make_accelerator(config, output)
     dataset, heldout = load_images(config, data_dir, output, accelerator)
+    if train.sampling == "shard" and len(dataset) < accelerator.num_processes:
+        raise UserError(
+            f"config key 'train.sampling': shard sampling needs a training image per process, and there are "
+            f"{len(dataset)} for {accelerator.num_processes} processes; use train.sampling=global"
+        )
     # Frozen models in the compute precision, the field and its optimiser in fp32.
     task = build_task(config, accelerator.device, DTYPES[train.mixed_precision])
     field = build_field(config, task)

@@ -22,6 +22,7 @@ def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
         len(run.dataset),
         config.train.batch_size,
         config.objective.steps - config.objective.rollout,
+        shards=accelerator.num_processes if config.train.sampling == "shard" else 1,
     )
     noise = stream(seed, "noise", step, process, micro, accelerator.device)
     field_inputs, inputs = run.cache.get(picks) if run.cache is not None else run.conditions(picks)
