@@ -20,26 +20,26 @@ def psnr_db(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
-def heldout_losses(task: Task, weights: Weights, inputs: Any, draws: int, seed: int) -> torch.Tensor:
-    """Per-sample loss (N,) on fixed, seeded evaluation draws; every pixel, no draws, for image-fitting tasks."""
+def heldout_losses(task: Task, weights: Weights, inputs: Any, draws: int, seed: int, group: int = 0) -> torch.Tensor:
+    """Per-sample loss (N,) on fixed, seeded evaluation draws; every pixel, no draws, for image-fitting tasks.
+
+    Conditions scored together as `group` share one evaluation stream: a condition's draws depend on the group it
+    is scored in, so every weight scored on it (theta_0, theta_T, the field's) is scored in the same group.
+    """
     with torch.no_grad():
         if isinstance(task, ImageFittingTask):
             return task.reconstruction_error(weights, inputs)
         device = next(iter(weights.values())).device
-        return task.loss(weights, inputs, draws, stream(seed, "evaluation", device=device))
+        return task.loss(weights, inputs, draws, stream(seed, "evaluation", process=group, device=device))
 
 
 @dataclass
 class HeldoutReference:
-    """Real optimisation on held-out conditions, computed once: its scores do not change as the field trains."""
+    """Real optimisation of held-out conditions, per condition: its scores do not change as the field trains."""
 
-    inputs: Any
-    loss_theta0: float  # mean task loss of theta_0 on the fixed evaluation draws
-    loss_real: float  # ... of real optimisation after T steps
-    draws: int
-    seed: int
-    psnr_theta0: float | None = None  # mean per-image PSNR in dB (image-fitting tasks only)
-    psnr_real: float | None = None
+    theta_T: Weights  # name -> (N, *shape): the weights after T real updates
+    loss_theta0: torch.Tensor  # (N,) task loss of theta_0 on the fixed evaluation draws
+    loss_real: torch.Tensor  # (N,) ... of theta_T
 
 
 @dataclass
@@ -50,6 +50,16 @@ class HeldoutReport:
     psnr_theta0: float | None = None
     psnr_real: float | None = None
     psnr_field: float | None = None
+
+    @classmethod
+    def from_losses(cls, task: Task, theta0: torch.Tensor, real: torch.Tensor, field: torch.Tensor) -> HeldoutReport:
+        """The report of per-condition losses (N,) of theta_0, real theta_T and the field: means over conditions,
+        and mean per-condition PSNRs for image-fitting tasks."""
+        psnr = [
+            float(psnr_db(losses).mean()) if isinstance(task, ImageFittingTask) else None
+            for losses in (theta0, real, field)
+        ]
+        return cls(float(theta0.mean()), float(real.mean()), float(field.mean()), *psnr)
 
     @property
     def recovered(self) -> float:
@@ -83,50 +93,41 @@ class HeldoutReport:
         return {f"heldout/{key}": value for key, value in values.items() if value is not None}
 
 
-def _mean_psnr(task: Task, losses: torch.Tensor) -> float | None:
-    return float(psnr_db(losses).mean()) if isinstance(task, ImageFittingTask) else None
-
-
 def heldout_reference(
     task: Task,
     images: torch.Tensor,
-    captions: list[str],
+    inputs: Any,
     objective: ObjectiveConfig,
     draws: int,
     seed: int,
+    group: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> HeldoutReference:
-    """Run the real per-subject optimisation for T steps on each held-out condition and score theta_0 and theta_T."""
-    inputs = task.prepare(images, captions)
+    """Run the real per-subject optimisation for T steps on held-out conditions (`images`, prepared as `inputs`)
+    and score theta_0 and theta_T; conditions computed together as `group` share its random streams."""
     n = images.shape[0]
     theta0 = {name: w.to(images.device).unsqueeze(0).expand(n, *w.shape) for name, w in task.initial_weights().items()}
-    generator = stream(seed, "reference", device=images.device)
+    generator = stream(seed, "reference", process=group, device=images.device)
     trajectory, _ = real_trajectory(task, theta0, inputs, objective, generator, objective.steps, on_step)
-    at_theta0 = heldout_losses(task, theta0, inputs, draws, seed)
-    at_real = heldout_losses(task, trajectory[-1], inputs, draws, seed)
+    theta_T = trajectory[-1]
     return HeldoutReference(
-        inputs=inputs,
-        loss_theta0=float(at_theta0.mean()),
-        loss_real=float(at_real.mean()),
-        draws=draws,
-        seed=seed,
-        psnr_theta0=_mean_psnr(task, at_theta0),
-        psnr_real=_mean_psnr(task, at_real),
+        theta_T,
+        heldout_losses(task, theta0, inputs, draws, seed, group),
+        heldout_losses(task, theta_T, inputs, draws, seed, group),
     )
 
 
-def evaluate_field(
-    task: Task, field: Callable[..., Weights], images: torch.Tensor, reference: HeldoutReference, steps: int
-) -> HeldoutReport:
-    """Score the field's prediction Psi(c, T) on the held-out conditions against theta_0 and real optimisation."""
+def field_losses(
+    task: Task,
+    field: Callable[..., Weights],
+    images: torch.Tensor,
+    inputs: Any,
+    draws: int,
+    seed: int,
+    steps: int,
+    group: int = 0,
+) -> torch.Tensor:
+    """Per-condition loss (N,) of the field's Psi(c, T), on the draws `heldout_reference` scored `group` on."""
     with torch.no_grad():
         predicted = field(t=torch.full((images.shape[0],), float(steps), device=images.device), images=images)
-    at_field = heldout_losses(task, predicted, reference.inputs, reference.draws, reference.seed)
-    return HeldoutReport(
-        reference.loss_theta0,
-        reference.loss_real,
-        float(at_field.mean()),
-        reference.psnr_theta0,
-        reference.psnr_real,
-        _mean_psnr(task, at_field),
-    )
+    return heldout_losses(task, predicted, inputs, draws, seed, group)

@@ -17,7 +17,6 @@ from accelerate.utils import ProjectConfiguration
 from hyperfields.config import Config
 from hyperfields.dataset import ImageCaptionDataset, split_heldout
 from hyperfields.errors import UserError
-from hyperfields.evaluation import HeldoutReference
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
@@ -52,7 +51,6 @@ class TrainingRun:
     conditions: Conditions  # training image indices -> (field inputs, task inputs), computed
     cache: ConditionCache | None  # the same, kept per image in memory or on disk (train.cache); None: "none"
     theta_T: Weights | None  # objective.kind=supervised: precomputed theta_T, row i for dataset[i]
-    reference: HeldoutReference | None = None  # real optimisation of the held-out images, computed once
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

@@ -6,11 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from hyperfields.config import Config
 from hyperfields.errors import TrainingError
-from hyperfields.evaluation import evaluate_field, heldout_reference
 from hyperfields.field.io import save_field
 from hyperfields.files import writable_folder
 from hyperfields.training.build import TrainingRun, build_run, field_record
@@ -21,6 +18,7 @@ from hyperfields.training.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
+from hyperfields.training.heldout import HeldoutEvaluation
 from hyperfields.training.logs import hparams, print0, progress_bar
 from hyperfields.training.step import train_step
 from hyperfields.trajectory import NonFiniteError
@@ -33,34 +31,6 @@ class TrainResult:
     field_dir: Path
     steps: int
     recovered: float | None  # held-out R at the end, when images were held out
-
-
-def evaluate(run: TrainingRun, step: int) -> float | None:
-    """Held-out R on the main process, printed and logged; None when nothing is held out."""
-    accelerator, config, heldout = run.accelerator, run.config, run.heldout
-    if not len(heldout):
-        return None
-    recovered = None
-    if accelerator.is_main_process:
-        images = torch.stack([heldout[i]["pixel_values"] for i in range(len(heldout))]).to(accelerator.device)
-        captions = [heldout[i]["caption"] for i in range(len(heldout))]
-        if run.reference is None:
-            print0(
-                accelerator,
-                f"held-out: real optimisation of {len(heldout)} images for T={config.objective.steps} steps (once)",
-            )
-            run.reference = heldout_reference(
-                run.task, images, captions, config.objective, config.train.eval_draws, config.train.seed + 99
-            )
-        field = accelerator.unwrap_model(run.field)
-        field.eval()
-        report = evaluate_field(run.task, field, images, run.reference, config.objective.steps)
-        field.train()
-        recovered = report.recovered
-        print0(accelerator, f"step {step}: {report.summary()}")
-        accelerator.log(report.metrics(), step=step)
-    accelerator.wait_for_everyone()
-    return recovered
 
 
 def write_field(run: TrainingRun, trained_steps: int, recovered: float | None) -> Path:
@@ -97,6 +67,7 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
         state = load_checkpoint(run, resume_from)
         print0(accelerator, f"resumed from '{resume_from}' at step {state.step}")
     accelerator.init_trackers("hyperfields", config=hparams(config.to_dict()))  # on the main process only
+    evaluate = HeldoutEvaluation(run)
 
     progress = progress_bar(accelerator)
     bar = progress.add_task("train", total=train.max_steps, completed=state.step, rate="-", loss="-")
@@ -118,11 +89,11 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
             if train.checkpoint_every and state.step % train.checkpoint_every == 0 and state.step < train.max_steps:
                 save_checkpoint(run, state)
             if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
-                evaluate(run, state.step)
+                evaluate(state.step)
     save_checkpoint(run, state)
     if run.ema is not None:
         run.ema.copy_to_parameters()
-    recovered = evaluate(run, state.step)
+    recovered = evaluate(state.step)
     field_dir = write_field(run, state.step, recovered)
     if state.skipped_nonfinite:
         print0(accelerator, f"skipped {state.skipped_nonfinite} step(s) with non-finite values")

@@ -1,0 +1,115 @@
+"""Held-out evaluation of a run: the reference read from the run folder or computed across the processes, the field
+scored by each process on its share of the held-out photos, and R reported by the main process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from hyperfields.evaluation import HeldoutReference, HeldoutReport, field_losses, heldout_reference
+from hyperfields.references import REFERENCE_NAME, heldout_group, photo_digest, reference_key, shared_reference
+from hyperfields.training.build import TrainingRun, warn_on_main
+from hyperfields.training.logs import print0
+
+
+@dataclass
+class HeldoutShare:
+    """This process's share of the held-out photos, prepared once, and every held-out photo's reference losses."""
+
+    rows: list[int]  # which held-out photos: heldout_group of this process
+    images: torch.Tensor | None  # (n, 3, H, W) on the device; None when the share is empty
+    inputs: Any  # the task's prepared inputs of `images`
+    loss_theta0: torch.Tensor  # (N,) of every held-out photo, in photo order
+    loss_real: torch.Tensor  # (N,)
+
+
+def run_reference_key(run: TrainingRun) -> dict[str, Any]:
+    """The key the run folder's reference is stored under for this run."""
+    config, accelerator = run.config, run.accelerator
+    identity = {
+        "kind": config.model.task,
+        "settings": run.task.record(),
+        "resolution": config.model.resolution,
+        "dtype": config.train.mixed_precision,
+    }
+    return reference_key(
+        [photo_digest(record.path, record.caption) for record in run.heldout.records],
+        identity,
+        config.objective,
+        config.train.eval_draws,
+        config.train.seed + 99,
+        accelerator.num_processes,
+        accelerator.device.type,
+    )
+
+
+def heldout_share(run: TrainingRun) -> HeldoutShare:
+    """This process's held-out photos, prepared, and the reference losses of all, read or computed (see
+    hyperfields.references)."""
+    accelerator, config = run.accelerator, run.config
+    process = accelerator.process_index
+    rows = heldout_group(len(run.heldout), process, accelerator.num_processes)
+    images, inputs = None, None
+    if rows:
+        items = [run.heldout[i] for i in rows]
+        images = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
+        inputs = run.task.prepare(images, [item["caption"] for item in items])
+
+    def compute(_: list[int]) -> HeldoutReference:  # this process's rows, as above
+        draws, seed = config.train.eval_draws, config.train.seed + 99
+        return heldout_reference(run.task, images, inputs, config.objective, draws, seed, group=process)
+
+    store = run.output / REFERENCE_NAME
+    (loss_theta0, loss_real), reused = shared_reference(
+        store, run_reference_key(run), process, compute, accelerator.wait_for_everyone, warn_on_main(accelerator)
+    )
+    if reused:
+        print0(accelerator, f"held-out: reference of {len(run.heldout)} images read from '{store}'")
+    return HeldoutShare(rows, images, inputs, loss_theta0, loss_real)
+
+
+class HeldoutEvaluation:
+    """`evaluate(step)`: held-out R of the run's field, printed and logged; None when nothing is held out, and on
+    every process but the main one. Every process calls it at the same steps."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        self.share: HeldoutShare | None = None  # prepared on the first evaluation
+
+    def __call__(self, step: int) -> float | None:
+        run = self.run
+        accelerator, config = run.accelerator, run.config
+        if not len(run.heldout):
+            return None
+        if self.share is None:
+            self.share = heldout_share(run)
+        share = self.share
+        mine: list[tuple[int, torch.Tensor]] = []
+        if share.rows:
+            field = accelerator.unwrap_model(run.field)
+            field.eval()
+            losses = field_losses(
+                run.task,
+                field,
+                share.images,
+                share.inputs,
+                config.train.eval_draws,
+                config.train.seed + 99,
+                config.objective.steps,
+                group=accelerator.process_index,
+            )
+            field.train()
+            mine = list(zip(share.rows, losses.cpu()))
+        scored = dict(gather_object(mine))  # every held-out photo's loss at the field, by photo
+        recovered = None
+        if accelerator.is_main_process:
+            at_field = torch.stack([scored[row] for row in range(len(run.heldout))])
+            report = HeldoutReport.from_losses(run.task, share.loss_theta0, share.loss_real, at_field)
+            recovered = report.recovered
+            print0(accelerator, f"step {step}: {report.summary()}")
+            accelerator.log(report.metrics(), step=step)
+        accelerator.wait_for_everyone()
+        return recovered
