@@ -69,6 +69,11 @@ def run_processes(store: Path, task, images: torch.Tensor, processes: int, objec
     return results, computed
 
 
+def one_process(store: Path, task, images: torch.Tensor, objective=SGD, notes=None):
+    """`shared_reference` run by a single process: (losses of theta_0 and theta_T, whether they were read)."""
+    return run_processes(store, task, images, 1, objective, notes)[0][0]
+
+
 def stored_key(store: Path) -> dict:
     with safe_open(str(store), framework="pt") as entry:
         return json.loads(entry.metadata()["key"])
@@ -104,17 +109,17 @@ def test_more_processes_than_photos(tmp_path):
 def test_a_second_evaluation_reads_the_store_and_a_changed_objective_recomputes(tmp_path):
     task, images, store = CountingTask(), colour_images(3, seed=2), tmp_path / REFERENCE_NAME
     notes: list[str] = []
-    (first, _), reused = run_processes(store, task, images, 1, notes=notes)[0][0]
+    (first, _), reused = one_process(store, task, images, notes=notes)
     assert not reused and task.rows > 0
     before, written = store.stat().st_mtime_ns, store.read_bytes()
     task.rows = 0
-    (again, _), reused = run_processes(store, task, images, 1, notes=notes)[0][0]
+    (again, _), reused = one_process(store, task, images, notes=notes)
     assert reused and task.rows == 0, "no task gradient when the store holds the reference"
     assert torch.equal(again, first)
     assert store.stat().st_mtime_ns == before and store.read_bytes() == written
     assert not [note for note in notes if note.startswith("note:")]
     longer = ObjectiveConfig(steps=7, step_size=0.1, update="sgd", noise_draws=1)
-    _, reused = run_processes(store, task, images, 1, longer, notes)[0][0]
+    _, reused = one_process(store, task, images, longer, notes)
     assert not reused and task.rows > 0
     assert any("other settings (objective)" in note for note in notes), notes
     assert stored_key(store)["objective"]["steps"] == 7 and load_file(str(store))["theta_T.layer.bias"].shape == (3, 5)
@@ -123,21 +128,21 @@ def test_a_second_evaluation_reads_the_store_and_a_changed_objective_recomputes(
 def test_a_damaged_store_is_computed_again(tmp_path):
     store, notes = tmp_path / REFERENCE_NAME, []
     store.write_bytes(b"not safetensors")
-    _, reused = run_processes(store, QuadraticTask(), colour_images(2, 3), 1, notes=notes)[0][0]
+    _, reused = one_process(store, QuadraticTask(), colour_images(2, 3), notes=notes)
     assert not reused and any("unreadable" in note for note in notes), notes
     assert load_file(str(store))["loss_real"].shape == (2,)
 
 
 def test_one_process_stores_what_one_batch_of_every_photo_scores(tmp_path):
     # The reference as it was computed before it was stored or split: real optimisation of all held-out photos in
-    # one batch on the "reference" stream, and theta_0 and theta_T scored on the "evaluation" stream.
+    # one batch on the "reference" stream (sampled pixels: the stream decides theta_T), scored on every pixel.
     task = InrTask(InrConfig(pixels=20), resolution=16)
     images = colour_images(3, seed=4) + 0.2 * torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     objective = ObjectiveConfig(steps=4, step_size=0.05, noise_draws=2)
     inputs = task.prepare(images, [""] * 3)
     theta0 = {name: w.unsqueeze(0).expand(3, *w.shape) for name, w in task.initial_weights().items()}
     trajectory, _ = real_trajectory(task, theta0, inputs, objective, stream(0, "reference"), objective.steps)
-    (theta0_losses, real_losses), _ = run_processes(tmp_path / REFERENCE_NAME, task, images, 1, objective)[0][0]
+    (theta0_losses, real_losses), _ = one_process(tmp_path / REFERENCE_NAME, task, images, objective)
     assert torch.equal(theta0_losses, task.reconstruction_error(theta0, inputs))
     assert torch.equal(real_losses, task.reconstruction_error(trajectory[-1], inputs))
     stored = load_file(str(tmp_path / REFERENCE_NAME))
