@@ -1,5 +1,6 @@
 """Run by torchrun from test_distributed.py: train a few steps (from checkpoint $RESUME when set), then dump this
 rank's field parameters and, with train.cache=memory, which training images it read."""
+
 from __future__ import annotations
 
 import json
