@@ -82,7 +82,7 @@ class ObjectiveConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 500
-    batch_size: int = 4  # conditions per step on each process
+    batch_size: int = 4  # conditions per step on each process; also the images `precompute` optimises together
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10  # linear warm-up, then cosine decay to zero at max_steps

@@ -7,54 +7,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import save_file
 
 from hyperfields.data import scan_image_folder
-from hyperfields.errors import UserError, error_line
+from hyperfields.errors import UserError
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
 from hyperfields.files import atomic_write, writable_folder
 from hyperfields.lora import LoraFormat, LoraPrecision
-from hyperfields.lora.formats import BaseModelFamily, LoraOrigin, write_lora
-from hyperfields.models import resolve_model_path
-from hyperfields.predict import Photo, predict_lora, predicted_weights, prediction_metadata, read_photo
+from hyperfields.lora.formats import LoraOrigin, write_lora
+from hyperfields.predict import (
+    Photo,
+    lora_origin,
+    predict_lora,
+    predicted_weights,
+    prediction_metadata,
+    read_photo,
+)
 
 SUFFIX = ".safetensors"
-
-
-def base_model_family(settings: dict[str, Any]) -> BaseModelFamily:
-    """The family of the base model a LoRA field was trained for: from its record, else from the base's configs."""
-    if isinstance(settings.get("base_family"), dict):
-        return BaseModelFamily(**settings["base_family"])
-    # Fields written before the record named the family: read the two configs the trainer read it from.
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    base_model = str(settings["base_model"])
-    path = resolve_model_path(base_model, "pipeline")
-    try:
-        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
-        scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
-    except Exception as error:  # missing folder, offline hub id, broken JSON: all mean the configs cannot be read
-        raise UserError(
-            f"the field's record does not say which Stable Diffusion it is for, and base model "
-            f"'{base_model}' cannot be read to tell ({error_line(error)}); make it reachable again"
-        ) from None
-    return BaseModelFamily.from_configs(unet_config, scheduler_config)
-
-
-def lora_origin(record: FieldRecord) -> LoraOrigin | None:
-    """What a LoRA field's LoRAs are for: its base model and family, training resolution and trigger token."""
-    if record.task != "lora":
-        return None
-    settings = record.task_settings
-    return LoraOrigin(
-        base_model=str(settings["base_model"]),
-        family=base_model_family(settings),
-        resolution=record.resolution,
-        trigger_phrase=record.token,
-    )
 
 
 def write_prediction(

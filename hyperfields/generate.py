@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from hyperfields.errors import UserError
 from hyperfields.field.io import field_state_dict
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
-from hyperfields.files import atomic_write, cache_root
+from hyperfields.files import cache_root
+from hyperfields.image_files import a1111_parameters, contact_sheet, write_details, write_png
 from hyperfields.lora.formats import write_lora
 from hyperfields.models import load_pipeline
-from hyperfields.predict import Photo, check_base_model, default_device, predict_lora, predicted_weights, require_task
+from hyperfields.predict import Photo, check_base_model, predict_lora, predicted_weights, require_task
+from hyperfields.schedulers import check_sampler, use_sampler
 from hyperfields.tasks.inr import InrTask
 
 ADAPTER_NAME = "hyperfields"
@@ -32,14 +35,41 @@ ADAPTER_NAME = "hyperfields"
 
 @dataclass
 class Sampling:
-    """How the base pipeline samples: the same values and seed give the same images."""
+    """How the base pipeline samples: the same values and seeds give the same images."""
 
     num_images: int = 1  # images per prompt
-    seed: int = 0  # every prompt starts from this seed, so rows of a contact sheet differ only by prompt
+    # Image i of every prompt starts from seed + i (as A1111 numbers a batch), so rows of a contact sheet differ only
+    # by prompt and any one image comes back alone from its own seed.
+    seed: int = 0
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     height: int | None = None  # image size in pixels; None = the base model's own
     width: int | None = None
+    negative_prompt: str = ""  # what classifier-free guidance steers away from; "" = the empty prompt, as diffusers
+    scheduler: str | None = None  # a name in schedulers.SAMPLERS; None = the base model's own scheduler
+    lora_scale: float = 1.0  # the predicted LoRA's weight: 0 = the base model, 1 = as predicted
+
+    def __post_init__(self) -> None:
+        check_sampler(self.scheduler)
+        for side, pixels in (("height", self.height), ("width", self.width)):
+            if pixels is not None and pixels % 8:  # what Stable Diffusion pipelines take; they raise otherwise
+                raise UserError(f"image {side} {pixels} pixels: Stable Diffusion takes multiples of 8")
+        if not math.isfinite(self.lora_scale):
+            raise UserError(f"LoRA scale {self.lora_scale}: expected a finite number")
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image of a prompt."""
+        return [self.seed + i for i in range(self.num_images)]
+
+
+@dataclass
+class GeneratedImage:
+    """One sampled image and what makes it again: its prompt and its seed (with the batch's other settings)."""
+
+    image: Image.Image
+    prompt: str
+    seed: int
 
 
 def field_fingerprint(field: HyperField, record: FieldRecord) -> str:
@@ -64,8 +94,9 @@ def cached_lora_file(field: HyperField, record: FieldRecord, photo: Photo, t: fl
     return path
 
 
-def load_lora(pipeline: Any, path: Path) -> None:
-    """Load a diffusers LoRA file into `pipeline` as a user would, without the note that it has no text-encoder part."""
+def load_lora(pipeline: Any, path: Path, scale: float = 1.0) -> None:
+    """Load a diffusers LoRA file into `pipeline` as a user would, at `scale` (diffusers' adapter weight, the same
+    as `cross_attention_kwargs={"scale": scale}`), without the note that it has no text-encoder part."""
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -74,69 +105,81 @@ def load_lora(pipeline: Any, path: Path) -> None:
         pipeline.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 
 
-def sample(pipeline: Any, prompts: list[str], sampling: Sampling) -> list[list[Image.Image]]:
-    """`sampling.num_images` images per prompt (one row per prompt), each prompt from `sampling.seed`."""
+def sample(pipeline: Any, prompts: list[str], sampling: Sampling) -> list[list[GeneratedImage]]:
+    """`sampling.num_images` images per prompt (one row per prompt); image i of every prompt from seed + i."""
+    seeds = sampling.seeds
     rows = []
     for prompt in prompts:
-        # A CPU generator draws the same latents on every device, so a seed means the same image everywhere.
-        generator = torch.Generator().manual_seed(sampling.seed)
+        # One CPU generator per image: image i is what its seed gives alone, and the same on every device.
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         result = pipeline(
             prompt,
-            num_images_per_prompt=sampling.num_images,
+            negative_prompt=sampling.negative_prompt or None,
+            num_images_per_prompt=len(seeds),
             num_inference_steps=sampling.num_inference_steps,
             guidance_scale=sampling.guidance_scale,
             height=sampling.height,
             width=sampling.width,
-            generator=generator,
+            generator=generators,
         )
-        rows.append(list(result.images))
+        rows.append([GeneratedImage(image, prompt, seed) for image, seed in zip(result.images, seeds, strict=True)])
     return rows
-
-
-def contact_sheet(rows: list[list[Image.Image]], gap: int = 2) -> Image.Image:
-    """One image holding all `rows` (one per prompt) side by side, on a white background."""
-    width, height = rows[0][0].size
-    columns = max(len(row) for row in rows)
-    sheet = Image.new(
-        "RGB", (columns * width + (columns - 1) * gap, len(rows) * height + (len(rows) - 1) * gap), "white"
-    )
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            sheet.paste(image, (c * (width + gap), r * (height + gap)))
-    return sheet
 
 
 def image_name(prompt_index: int, image_index: int) -> str:
     return f"prompt{prompt_index:02d}_image{image_index:02d}.png"
 
 
-def write_images(rows: list[list[Image.Image]], folder: Path, details: dict[str, Any]) -> list[Path]:
-    """The PNGs written into `folder`: one per image, contact_sheet.png, and generation.json on how they were made."""
+def image_record(generated: GeneratedImage, details: dict[str, Any]) -> dict[str, Any]:
+    """What one image's PNG records as JSON: how the batch was made, with this image's prompt, seed and size."""
+    shared = {key: value for key, value in details.items() if key not in ("prompts", "num_images", "images")}
+    width, height = generated.image.size
+    return {**shared, "prompt": generated.prompt, "seed": generated.seed, "width": width, "height": height}
+
+
+def image_parameters(generated: GeneratedImage, details: dict[str, Any]) -> str:
+    """A1111's `parameters` text of one image: what pasting it into A1111 or reading it in an image browser shows."""
+    width, height = generated.image.size
+    settings = {
+        "Steps": details["num_inference_steps"],
+        "Sampler": details["sampler"],
+        "CFG scale": details["guidance_scale"],
+        "Seed": generated.seed,
+        "Size": f"{width}x{height}",
+        "Model": details["base_model"],
+        "Lora scale": details["lora_scale"],
+        "Field step": f"{details['step']:g} of {details['steps']}",
+        "Version": f"hyperfields {details['hyperfields_version']}",
+    }
+    return a1111_parameters(generated.prompt, details["negative_prompt"], settings)
+
+
+def write_images(rows: list[list[GeneratedImage]], folder: Path, details: dict[str, Any]) -> list[Path]:
+    """The PNGs written into `folder`: one per image, each saying how it was made, contact_sheet.png, and
+    generation.json on the whole batch."""
     written = []
+    files = []
     for p, row in enumerate(rows):
-        for i, image in enumerate(row):
-            written.append(
-                atomic_write(Path(folder) / image_name(p, i), lambda tmp, image=image: image.save(tmp, format="PNG"))
-            )
-    sheet = contact_sheet(rows)
-    written.append(atomic_write(Path(folder) / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG")))
+        for i, generated in enumerate(row):
+            path = Path(folder) / image_name(p, i)
+            record = image_record(generated, details)
+            written.append(write_png(generated.image, path, record, image_parameters(generated, details)))
+            files.append({"file": path.name, "prompt": generated.prompt, "seed": generated.seed})
+    details = {**details, "images": files}
+    sheet = contact_sheet([[generated.image for generated in row] for row in rows])
+    written.append(write_png(sheet, Path(folder) / "contact_sheet.png", details))
     write_details(folder, details)
     return written
 
 
 def write_image(image: Image.Image, folder: Path, details: dict[str, Any]) -> Path:
-    """image.png written into `folder`, and generation.json saying how it was made."""
-    path = atomic_write(Path(folder) / "image.png", lambda tmp: image.save(tmp, format="PNG"))
+    """image.png written into `folder` with `details` as its record, and generation.json saying the same."""
+    path = write_png(image, Path(folder) / "image.png", details)
     write_details(folder, details)
     return path
-
-
-def write_details(folder: Path, details: dict[str, Any]) -> Path:
-    """generation.json in `folder`: how its images were made."""
-    text = json.dumps(details, indent=2) + "\n"
-    return atomic_write(Path(folder) / "generation.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def generate(
@@ -148,24 +191,28 @@ def generate(
     base_model: str,
     sampling: Sampling,
     cache_dir: Path,
-) -> tuple[list[list[Image.Image]], dict[str, Any]]:
+    device: torch.device,
+) -> tuple[list[list[GeneratedImage]], dict[str, Any]]:
     """Images of the base model personalised by Psi(photo, t), a row per prompt, and a record of how they were made."""
     require_task(record, "lora", "generating with a base model")
-    device = default_device()
     pipeline = load_pipeline(base_model, torch.float16 if device.type == "cuda" else torch.float32)
     check_base_model(field, record, pipeline.unet, base_model)
     lora_file = cached_lora_file(field, record, photo, t, cache_dir)
-    load_lora(pipeline, lora_file)
+    load_lora(pipeline, lora_file, sampling.lora_scale)
+    sampler = use_sampler(pipeline, sampling.scheduler)
     rows = sample(pipeline.to(device), prompts, sampling)
     details = {
         "prompts": prompts,
         "step": t,
         "steps": field.steps,
+        "strength": t / field.steps,
         "base_model": base_model,
         "photo": str(photo.path),
         "photo_sha256": photo.sha256,
         "lora_file": str(lora_file),
         **asdict(sampling),
+        "scheduler": type(pipeline.scheduler).__name__,
+        "sampler": sampler,
         "hyperfields_version": hyperfields.__version__,
     }
     return rows, details
@@ -192,6 +239,7 @@ def render_inr(
     details = {
         "step": t,
         "steps": field.steps,
+        "strength": t / field.steps,
         "photo": str(photo.path),
         "photo_sha256": photo.sha256,
         "height": height,

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from hyperfields.config import Config
 from hyperfields.data import ImageRecord, scan_image_folder
 from hyperfields.dataset import ImageCaptionDataset, split_heldout
+from hyperfields.devices import resolve_device
 from hyperfields.errors import UserError, error_line
 from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.streams import stream
@@ -40,12 +41,13 @@ def optimise_images(
     task: Task,
     dataset: ImageCaptionDataset,
     config: Config,
-    batch_size: int,
     device: torch.device,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Weights:
-    """theta_T by name, (M, *shape) on the CPU: T real updates from theta_0 for every image, `batch_size` at a time."""
+    """theta_T by name, (M, *shape) on the CPU: T real updates from theta_0 for every image, train.batch_size at a
+    time (the batch a training step computes task gradients for, so one that fits in training fits here)."""
     objective = config.objective
+    batch_size = config.train.batch_size
     theta0 = task.initial_weights()
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in theta0}
     for start in range(0, len(dataset), batch_size):
@@ -82,20 +84,19 @@ def precompute(
     config: Config,
     data_dir: Path,
     output: Path,
-    batch_size: int = 16,
+    device: torch.device | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Optimise every training image of `data_dir` (the same held-out split as `train`) and write the folder."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Optimise every training image of `data_dir` (the same held-out split as `train`) on `device` (default: the
+    GPU when there is one) and write the folder."""
+    device = device if device is not None else resolve_device("auto")
     report = scan_image_folder(
         Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn
     )
     records, _ = split_heldout(report.records, config.train.heldout, config.train.seed)
     task = build_task(config, device, torch.float32)
-    theta_T = optimise_images(
-        task, ImageCaptionDataset(records, config.model.resolution), config, batch_size, device, on_batch
-    )
+    theta_T = optimise_images(task, ImageCaptionDataset(records, config.model.resolution), config, device, on_batch)
     objective = config.objective
     record = {
         "task": config.model.task,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,8 +14,9 @@ from hyperfields.dataset import load_image
 from hyperfields.errors import UserError, error_line
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
-from hyperfields.lora.formats import LoraWeights
+from hyperfields.lora.formats import BaseModelFamily, LoraOrigin, LoraWeights
 from hyperfields.lora.targets import layout_mismatch
+from hyperfields.models import resolve_model_path
 
 
 @dataclass
@@ -24,11 +26,6 @@ class Photo:
     path: Path
     pixels: torch.Tensor  # (3, R, R) in [-1, 1]
     sha256: str
-
-
-def default_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def read_photo(path: Path, resolution: int) -> Photo:
@@ -107,3 +104,39 @@ def check_base_model(field: HyperField, record: FieldRecord, unet: torch.nn.Modu
             f"the field was trained for base model '{record.task_settings['base_model']}' and does not fit "
             f"base model '{base_model}': {problem}"
         )
+
+
+def base_model_family(settings: dict[str, Any]) -> BaseModelFamily:
+    """The family of the base model a LoRA field was trained for: from its record, else from the base's configs."""
+    if isinstance(settings.get("base_family"), dict):
+        return BaseModelFamily(**settings["base_family"])
+    # Fields written before the record named the family: read the two configs the trainer read it from.
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    base_model = str(settings["base_model"])
+    path = resolve_model_path(base_model, "pipeline")
+    try:
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
+        scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    except Exception as error:  # missing folder, offline hub id, broken JSON: all mean the configs cannot be read
+        raise UserError(
+            f"the field's record does not say which Stable Diffusion it is for, and base model "
+            f"'{base_model}' cannot be read to tell ({error_line(error)}); make it reachable again"
+        ) from None
+    return BaseModelFamily.from_configs(unet_config, scheduler_config)
+
+
+def lora_origin(record: FieldRecord, base_model: str | None = None) -> LoraOrigin | None:
+    """What a LoRA field's LoRAs are for: its base model (or `base_model`, another the LoRA was fitted on) and
+    family, training resolution and trigger token; None for a field of another task."""
+    if record.task != "lora":
+        return None
+    settings = record.task_settings
+    if base_model is not None and base_model != settings["base_model"]:
+        settings = {"base_model": base_model}  # another base: its own configs tell its family
+    return LoraOrigin(
+        base_model=str(settings["base_model"]),
+        family=base_model_family(settings),
+        resolution=record.resolution,
+        trigger_phrase=record.token,
+    )

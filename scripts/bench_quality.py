@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -445,7 +445,8 @@ def train_supervised(
         shutil.copy(record.path, subset / record.path.name)
     precomputed = folder / "precomputed"
     started = time.perf_counter()
-    precompute(config, subset, precomputed, batch_size=256 if args.task == "inr" else 8)
+    batched = replace(config, train=replace(config.train, batch_size=256 if args.task == "inr" else 8))
+    precompute(batched, subset, precomputed)
     precompute_seconds = time.perf_counter() - started
     supervised = load_config(
         args.config or Path(DEFAULTS[args.task][0]),

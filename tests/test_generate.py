@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -56,10 +57,15 @@ def generate(trained: TinyField, out: Path, cache: Path, *extra: str, photo: Pat
     )
 
 
-def reference_images(lora_file: Path | None, num_images: int = 1) -> np.ndarray:
-    """What a user's own fresh tiny pipeline draws for PROMPT with SAMPLING, `lora_file` loaded (None: base model)."""
+def reference_images(
+    lora_file: Path | None, num_images: int = 1, scheduler: str | None = None, options: dict | None = None, **call
+) -> np.ndarray:
+    """What a user's own fresh tiny pipeline draws for PROMPT with SAMPLING (image i from seed 7 + i), `lora_file`
+    loaded (None: base model), with diffusers' `scheduler` class (`options` set) and pipeline arguments `call`."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models_dir() / "pipeline")
     pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **(options or {}))
     if lora_file is not None:
         pipe.load_lora_weights(str(lora_file))
     return pipe(
@@ -67,8 +73,9 @@ def reference_images(lora_file: Path | None, num_images: int = 1) -> np.ndarray:
         num_images_per_prompt=num_images,
         num_inference_steps=3,
         guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(7),
+        generator=[torch.Generator().manual_seed(7 + i) for i in range(num_images)],
         output_type="np",
+        **call,
     ).images
 
 
@@ -235,6 +242,7 @@ def other_base_model(folder: Path) -> Path:
         "step and strength",
         "strength above 1",
         "step above T",
+        "height not a multiple of 8",
         "unreadable photo",
         "unwritable output",
     ],
@@ -247,6 +255,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, case):
         "step and strength": (["--step", "2", "--strength", "0.5"], tmp_path / "out", "not both"),
         "strength above 1": (["--strength", "1.5"], tmp_path / "out", "outside [0, 1]"),
         "step above T": (["--step", "7"], tmp_path / "out", "outside [0, 6]"),
+        "height not a multiple of 8": (["--height", "60"], tmp_path / "out", "image height 60 pixels"),
         "unreadable photo": ([], tmp_path / "out", "cannot be read as an image"),
         "unwritable output": ([], tmp_path / "a-file" / "out", "cannot be written"),
     }[case]

@@ -117,6 +117,8 @@ def test_export_writes_the_predicted_weights_by_name_and_generate_renders_them(i
     assert image.shape == (24, 40, 3)
     assert np.abs(image - render(weights, 24, 40)).max() <= 1
     assert json.loads((tmp_path / "images" / "generation.json").read_text())["height"] == 24
+    recorded = json.loads(Image.open(tmp_path / "images" / "image.png").text["hyperfields"])
+    assert recorded["step"] == 10 and recorded["field"] == str(field) and recorded["width"] == 40
 
 
 def test_generate_at_step_zero_renders_theta0_at_the_field_resolution(inr_field, tmp_path):
@@ -137,6 +139,9 @@ def test_generate_at_step_zero_renders_theta0_at_the_field_resolution(inr_field,
         (["generate", "--prompt", "a photo of sks", "--out", "{tmp}/images"], "--prompt"),
         (["generate", "--base-model", "tiny", "--out", "{tmp}/images"], "--base-model"),
         (["generate", "--guidance-scale", "3", "--out", "{tmp}/images"], "--guidance-scale"),
+        (["generate", "--negative-prompt", "blurry", "--out", "{tmp}/images"], "--negative-prompt"),
+        (["generate", "--scheduler", "ddim", "--out", "{tmp}/images"], "--scheduler"),
+        (["generate", "--lora-scale", "0.5", "--out", "{tmp}/images"], "--lora-scale"),
         (["inspect", "--base-model", "tiny"], "--base-model"),
         (["refine", "--out", "{tmp}/x.safetensors"], "refine needs a field of task 'lora'"),
     ],

@@ -49,12 +49,14 @@ def precomputed(photos, tmp_path_factory) -> Path:
             str(photos),
             "--output",
             str(output),
-            "--batch-size",
-            "2",
+            "--set",
+            "train.batch_size=2",
             *SMALL,
         ],
     )
     assert result.exit_code == 0, result.output
+    progress = [line for line in result.stderr.splitlines() if line.startswith("optimised")]
+    assert [line.split()[1] for line in progress] == ["2", "4", "5"], "train.batch_size images at a time"
     return output
 
 
@@ -76,6 +78,24 @@ def test_precompute_writes_theta_T_of_every_training_image(photos, precomputed):
     trajectory, _ = real_trajectory(task, theta0, task.prepare(image, [""]), config.objective, torch.Generator(), 20)
     for name in task.layout():
         assert torch.allclose(tensors[name][row], trajectory[-1][name][0], atol=1e-5)
+
+
+def test_batch_size_still_names_the_batch_with_one_note(photos, precomputed, tmp_path):
+    arguments = ["precompute", "--config", "configs/inr.yaml", "--images", str(photos), *SMALL]
+    result = runner.invoke(app, [*arguments, "--output", str(tmp_path / "former"), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("note:")] == [
+        "note: --batch-size is deprecated; use --set train.batch_size=2"
+    ]
+    former = load_file(str(tmp_path / "former" / "theta_T.safetensors"))
+    assert all(
+        torch.equal(value, former[name]) for name, value in load_file(str(precomputed / "theta_T.safetensors")).items()
+    )
+    both = ["--output", str(tmp_path / "both"), "--batch-size", "2", "--set", "train.batch_size=3"]
+    result = runner.invoke(app, [*arguments, *both])
+    assert result.exit_code == 2 and clean_exit(result), result.output
+    assert "error: give --set train.batch_size=..., not both that and its former name --batch-size" in result.stderr
+    assert not (tmp_path / "both").exists()
 
 
 def test_supervised_training_through_the_cli_fits_theta_T(photos, precomputed, tmp_path):

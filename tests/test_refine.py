@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -85,6 +86,27 @@ def test_refine_at_another_rank_writes_that_rank(trained, tmp_path):
     downs = [v for k, v in tensors.items() if k.endswith("lora_down.weight")]
     assert len(downs) == 48 and all(v.shape[0] == 6 for v in downs)
     assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {12.0}  # scale 2 kept: alpha = 2 * 6
+
+
+def header(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as file:
+        return file.metadata()
+
+
+@pytest.mark.parametrize("format", ["kohya", "diffusers"])
+def test_a_refined_file_says_which_base_model_it_is_for_as_an_exported_one(trained, tmp_path, format):
+    common = ["--field", str(trained.field), "--image", str(trained.photo), "--format", format]
+    exported, refined = tmp_path / "exported.safetensors", tmp_path / "refined.safetensors"
+    assert runner.invoke(app, ["export", *common, "--output", str(exported)]).exit_code == 0
+    assert runner.invoke(app, ["refine", *common, "--updates", "1", "--output", str(refined)]).exit_code == 0
+    exported, refined = header(exported), header(refined)
+    assert set(exported) <= set(refined) and refined["hyperfields.refine_steps"] == "1"
+    naming = {"modelspec.date", "modelspec.title", "ss_output_name"}  # when and under which file name
+    family = [key for key in exported if key.startswith(("ss_", "modelspec.")) and key not in naming]
+    assert {key: refined[key] for key in family} == {key: exported[key] for key in family}
+    if format == "kohya":
+        assert refined["ss_base_model_version"] == "sd_v1" and refined["ss_output_name"] == "refined"
+    assert refined["modelspec.architecture"] == "stable-diffusion-v1/lora"
 
 
 def test_with_rank_is_exact_above_the_rank_and_the_best_fit_below():

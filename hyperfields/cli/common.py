@@ -54,6 +54,10 @@ LoraFormatOption = Annotated[
     LoraFormat,
     typer.Option("--format", help="LoRA file format: diffusers (pipe.load_lora_weights) or kohya (A1111, ComfyUI)."),
 ]
+DeviceOption = Annotated[
+    str,
+    typer.Option("--device", help="Where the models run: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."),
+]
 TrainingImagesOption = Annotated[
     Path | None,
     typer.Option(
@@ -85,6 +89,19 @@ def renamed(ctx: typer.Context, new: str, former: str, required: bool = True) ->
     if required and ctx.params[new] is None:
         raise UserError(f"missing option {new_name}")
     return ctx.params[new]
+
+
+def former_flag_as_key(ctx: typer.Context, former: str, key: str, overrides: list[str]) -> list[str]:
+    """`overrides` (the --set values), with `key=<value>` added when the former flag for config key `key` was given,
+    and a one-line note on stderr; a UserError when `--set key=...` was given too."""
+    if not _given(ctx, former):
+        return overrides
+    by_name = {parameter.name: parameter for parameter in ctx.command.params}
+    new_name, former_name = f"--set {key}={ctx.params[former]}", _shown_name(by_name[former])
+    if any(override.split("=", 1)[0].strip() == key for override in overrides):
+        raise UserError(f"give --set {key}=..., not both that and its former name {former_name}")
+    typer.echo(f"note: {former_name} is deprecated; use {new_name}", err=True)
+    return [*overrides, f"{key}={ctx.params[former]}"]
 
 
 def training_photos(ctx: typer.Context) -> Path:

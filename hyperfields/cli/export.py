@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from hyperfields.cli.common import (
+    DeviceOption,
     FieldOption,
     FormerOutOption,
     LoraFormatOption,
@@ -46,17 +47,19 @@ def export_command(
     format: LoraFormatOption = "diffusers",
     step: StepOption = None,
     precision: PrecisionOption = "fp16",
+    device: DeviceOption = "auto",
     out: FormerOutOption = None,
 ) -> None:
     """Write the weights the field predicts for a photo: a LoRA in a format diffusers, A1111 or ComfyUI load."""
     output = renamed(ctx, "output", "out")
     if (image is None) == (images is None):
         raise UserError("give exactly one of --image PHOTO or --images DIR")
+    from hyperfields.devices import resolve_device
     from hyperfields.export import export_folder, export_photo
     from hyperfields.field.io import load_field
-    from hyperfields.predict import default_device, resolve_step
+    from hyperfields.predict import resolve_step
 
-    loaded, record = load_field(field, device=default_device())
+    loaded, record = load_field(field, device=resolve_device(device))
     refuse_lora_options(ctx, record.task, ["format", "precision"])
     t = resolve_step(record.steps, step)
     if image is not None:

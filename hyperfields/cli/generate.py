@@ -9,6 +9,7 @@ import typer
 
 from hyperfields.cli.common import (
     BaseModelOption,
+    DeviceOption,
     FieldOption,
     FormerOutOption,
     PhotoOption,
@@ -32,8 +33,36 @@ CacheDirOption = Annotated[
         "--cache-dir", help="Where predicted LoRAs are kept per (field, photo, t); default $HYPERFIELDS_CACHE/loras."
     ),
 ]
+NegativePromptOption = Annotated[
+    str, typer.Option("--negative-prompt", help="What guidance steers away from, for every prompt.")
+]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="Sampler: ddim, ddpm, pndm, lms, euler, euler-a, heun, dpm++ (dpmsolver-multistep), unipc; "
+        "default the base model's own.",
+    ),
+]
+LoraScaleOption = Annotated[
+    float,
+    typer.Option(
+        "--lora-scale", help="Weight of the predicted LoRA, as diffusers' adapter weight: 0 = base model, 1 = as is."
+    ),
+]
 # Options that only mean something with a base model to personalise.
-LORA_OPTIONS = ["prompt", "num_images", "seed", "num_inference_steps", "guidance_scale", "base_model", "cache_dir"]
+LORA_OPTIONS = [
+    "prompt",
+    "negative_prompt",
+    "num_images",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "scheduler",
+    "lora_scale",
+    "base_model",
+    "cache_dir",
+]
 
 
 @reports_errors
@@ -43,20 +72,26 @@ def generate_command(
     image: PhotoOption,
     output: OutputOption = None,
     prompt: PromptOption = None,
+    negative_prompt: NegativePromptOption = "",
     step: StepOption = None,
     strength: Annotated[
         float | None,
         typer.Option("--strength", help="Walk the trajectory instead of --step: 0 = base model, 1 = t = T."),
     ] = None,
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Every prompt starts from this seed.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Image i of every prompt uses seed + i (recorded in each PNG).")
+    ] = 0,
     num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", min=1, help="Sampler steps.")] = 30,
     guidance_scale: Annotated[
         float, typer.Option("--guidance-scale", min=0.0, help="Classifier-free guidance scale.")
     ] = 7.5,
+    scheduler: SchedulerOption = None,
+    lora_scale: LoraScaleOption = 1.0,
     height: HeightOption = None,
     width: WidthOption = None,
     base_model: BaseModelOption = None,
+    device: DeviceOption = "auto",
     cache_dir: CacheDirOption = None,
     out: FormerOutOption = None,
 ) -> None:
@@ -64,24 +99,26 @@ def generate_command(
     output = renamed(ctx, "output", "out")
     if step is not None and strength is not None:
         raise UserError("give --step or --strength, not both")
+    from hyperfields.devices import resolve_device
     from hyperfields.field.io import load_field
     from hyperfields.files import writable_folder
     from hyperfields.generate import Sampling, generate, lora_cache_dir, render_inr, write_image, write_images
-    from hyperfields.predict import default_device, read_photo, resolve_step
+    from hyperfields.predict import read_photo, resolve_step
 
-    loaded, record = load_field(field, device=default_device())
+    chosen = resolve_device(device)
+    loaded, record = load_field(field, device=chosen)
     refuse_lora_options(ctx, record.task, LORA_OPTIONS)
     photo = read_photo(image, record.resolution)
     t = resolve_step(record.steps, step, strength)
-    if record.task == "lora" and not prompt:
-        raise UserError("give at least one --prompt for a LoRA field")
-    folder = writable_folder(output)  # after the quick checks, so bad input leaves no folder; before the slow sampling
     if record.task != "lora":
+        folder = writable_folder(output)  # after the quick checks, so bad input leaves no folder
         size = (height or record.resolution, width or record.resolution)
         rendered, details = render_inr(loaded, record, photo, t, *size)
-        written = write_image(rendered, folder, details)
+        written = write_image(rendered, folder, {"field": field, **details})
         typer.echo(f"wrote '{written}' ({rendered.width} x {rendered.height} pixels; t = {t:g} of T = {record.steps})")
         return
+    if not prompt:
+        raise UserError("give at least one --prompt for a LoRA field")
     sampling = Sampling(
         num_images=num_images,
         seed=seed,
@@ -89,9 +126,13 @@ def generate_command(
         guidance_scale=guidance_scale,
         height=height,
         width=width,
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+        lora_scale=lora_scale,
     )
+    folder = writable_folder(output)  # after the quick checks, so bad input leaves no folder; before the slow sampling
     base = base_model or record.task_settings["base_model"]
-    rows, details = generate(loaded, record, photo, prompt, t, base, sampling, cache_dir or lora_cache_dir())
-    written = write_images(rows, folder, details)
+    rows, details = generate(loaded, record, photo, prompt, t, base, sampling, cache_dir or lora_cache_dir(), chosen)
+    written = write_images(rows, folder, {"field": field, **details})
     images = f"{len(written) - 1} image{'s' if len(written) != 2 else ''}"
     typer.echo(f"wrote {images} and contact_sheet.png to '{folder}' (t = {t:g} of T = {record.steps})")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, FieldOption, refuse_lora_options, reports_errors
+from hyperfields.cli.common import BaseModelOption, DeviceOption, FieldOption, refuse_lora_options, reports_errors
 
 
 @reports_errors
@@ -18,18 +18,20 @@ def inspect_command(
         Path | None, typer.Option("--image", "-i", help="Condition photo; default a mid-grey image.")
     ] = None,
     base_model: BaseModelOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Show the generated std against the hyperfan target and the update size at t = 0, T/2, T, per target or tensor."""
     import torch
     from rich.console import Console
     from rich.table import Table
 
+    from hyperfields.devices import resolve_device
     from hyperfields.field.io import load_field
     from hyperfields.inspection import inspect_lora_field, inspect_tensors, inspection_steps
     from hyperfields.models import load_pipeline_components
-    from hyperfields.predict import check_base_model, default_device, read_photo
+    from hyperfields.predict import check_base_model, read_photo
 
-    loaded, record = load_field(field, device=default_device())
+    loaded, record = load_field(field, device=resolve_device(device))
     refuse_lora_options(ctx, record.task, ["base_model"])
     side = record.resolution
     pixels = read_photo(image, side).pixels if image is not None else torch.zeros(3, side, side)

@@ -10,9 +10,11 @@ import typer
 from hyperfields.cli.common import (
     BaseModelOption,
     ConfigOption,
+    DeviceOption,
     FormerDataOption,
     SetOption,
     TrainingImagesOption,
+    former_flag_as_key,
     reports_errors,
     training_photos,
 )
@@ -28,17 +30,22 @@ def precompute_command(
     images: TrainingImagesOption = None,
     config: ConfigOption = None,
     base_model: BaseModelOption = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Images optimised together in one batched run.")
-    ] = 16,
+    device: DeviceOption = "auto",
     set_: SetOption = None,
     data: FormerDataOption = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, hidden=True)] = None,
 ) -> None:
-    """Run T real optimisation steps per training image, store theta_T; train on it with objective.kind=supervised."""
-    overrides = list(set_ or []) + ([f"model.base_model={base_model}"] if base_model is not None else [])
+    """Run T real optimisation steps per training image (train.batch_size at a time), store theta_T; train on it with
+    objective.kind=supervised."""
+    overrides = former_flag_as_key(ctx, "batch_size", "train.batch_size", list(set_ or []))
+    if base_model is not None:
+        overrides.append(f"model.base_model={base_model}")
     cfg = load_config(config, overrides)
     images = training_photos(ctx)
+    from hyperfields.devices import resolve_device
     from hyperfields.precompute import precompute  # heavy imports only once the arguments are known to be good
+
+    chosen = resolve_device(device)
 
     def warn(message: str) -> None:
         typer.echo(message, err=True)
@@ -46,7 +53,7 @@ def precompute_command(
     def progress(done: int, total: int) -> None:
         typer.echo(f"optimised {done} of {total} training images ({cfg.objective.steps} steps each)", err=True)
 
-    folder = precompute(cfg, images, output, batch_size, on_batch=progress, warn=warn)
+    folder = precompute(cfg, images, output, chosen, on_batch=progress, warn=warn)
     typer.echo(
         f"wrote theta_T (T={cfg.objective.steps}) of the training images to '{folder}'; "
         f"train on it with --set objective.kind=supervised --set objective.precomputed={folder}"

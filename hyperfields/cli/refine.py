@@ -9,6 +9,7 @@ import typer
 
 from hyperfields.cli.common import (
     BaseModelOption,
+    DeviceOption,
     FieldOption,
     FormerOutOption,
     LoraFormatOption,
@@ -42,36 +43,32 @@ def refine_command(
         typer.Option("--caption", help="Caption of the photo in the task loss; default the field's training template."),
     ] = None,
     base_model: BaseModelOption = None,
+    device: DeviceOption = "auto",
     out: FormerOutOption = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, hidden=True)] = None,
 ) -> None:
     """Continue the per-subject optimisation from the field's prediction for a photo, and write the LoRA."""
     output = renamed(ctx, "output", "out")
     updates = renamed(ctx, "updates", "steps", required=False)
+    from hyperfields.devices import resolve_device
     from hyperfields.field.io import load_field
     from hyperfields.files import writable_folder
     from hyperfields.lora.formats import write_lora
-    from hyperfields.predict import default_device, read_photo, require_task
+    from hyperfields.predict import lora_origin, read_photo, require_task
     from hyperfields.refine import refine
 
     if output.is_dir():
         raise UserError(f"--output '{output}' is a folder; give the path of the .safetensors file to write")
-    loaded, record = load_field(field, device=default_device())
+    loaded, record = load_field(field, device=resolve_device(device))
     require_task(record, "lora", "refine")
     photo = read_photo(image, record.resolution)
+    base = base_model or record.task_settings["base_model"]
     writable_folder(output.parent)  # after the quick checks, so bad input leaves no folder; before the slow refinement
     with typer.progressbar(length=updates, label="refining") as bar:
         result = refine(
-            loaded,
-            record,
-            photo,
-            updates,
-            base_model or record.task_settings["base_model"],
-            rank=rank,
-            caption=caption,
-            on_step=lambda k: bar.update(1),
+            loaded, record, photo, updates, base, rank=rank, caption=caption, on_step=lambda k: bar.update(1)
         )
-    write_lora(result.lora, output, format)
+    write_lora(result.lora, output, format, origin=lora_origin(record, base))
     typer.echo(
         f"task loss on fixed draws: predicted {result.loss_predicted:.5f} -> refined {result.loss_refined:.5f}; "
         f"wrote {format} LoRA (rank {result.lora.rank}) to '{output}'"

@@ -75,7 +75,8 @@ def _pipeline_error(base_model: str, path: str, exc: BaseException) -> UserError
 
 
 def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
-    """`base_model` as the diffusers pipeline a user would load (SD or SDXL, by its model_index.json), own scheduler."""
+    """`base_model` as the diffusers pipeline a user would load (SD or SDXL, by its model_index.json): its own
+    scheduler, its progress bar on."""
     from diffusers import DiffusionPipeline
 
     path = resolve_model_path(base_model, "pipeline")
@@ -83,7 +84,6 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
         pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
     except Exception as exc:
         raise _pipeline_error(base_model, path, exc) from exc
-    pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
