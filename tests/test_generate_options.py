@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
+from hyperfields.models.tiny import tiny_models_dir
 from hyperfields.schedulers import SAMPLERS
 from tests.conftest import clean_exit
 from tests.test_generate import PROMPT, generate, png, reference_images
@@ -131,3 +134,68 @@ def test_an_unknown_scheduler_is_one_line_listing_the_known_ones(trained, tmp_pa
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert errors == [f"error: unknown scheduler 'k-diffusion'; known: {', '.join(SAMPLERS)}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_sdxl_field_samples_as_diffusers_at_its_scale_with_the_scheduler_named(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"p{i}.png")
+    fast = [
+        "--set",
+        "train.heldout=0",
+        "--set",
+        "objective.steps=6",
+        "--set",
+        "field.width=32",
+        "--set",
+        "field.depth=1",
+    ]
+    train = ["train", "--images", str(photos), "-o", str(tmp_path / "run"), "--base-model", "tiny-xl"]
+    assert runner.invoke(app, [*train, "--max-steps", "1", *fast]).exit_code == 0
+    field, photo, lora = tmp_path / "run" / "field", photos / "p0.png", tmp_path / "lora.safetensors"
+    assert (
+        runner.invoke(
+            app, ["export", "-f", str(field), "-i", str(photo), "--precision", "fp32", "-o", str(lora)]
+        ).exit_code
+        == 0
+    )
+    sampling = ["--num-inference-steps", "3", "--guidance-scale", "5", "--seed", "7", "--negative-prompt", "blurry"]
+    options = ["--scheduler", "euler-a", "--lora-scale", "0.5", "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "-f",
+            str(field),
+            "-i",
+            str(photo),
+            "-p",
+            PROMPT,
+            *sampling,
+            *options,
+            "-o",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models_dir() / "pipeline-xl")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(lora))
+
+    def draw(scale: float) -> np.ndarray:
+        return pipe(
+            PROMPT,
+            negative_prompt="blurry",
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            generator=[torch.Generator().manual_seed(7)],
+            cross_attention_kwargs={"scale": scale},
+            output_type="np",
+        ).images[0]
+
+    generated = png(tmp_path / "out" / "prompt00_image00.png")
+    assert close(generated, draw(0.5)) and not close(generated, draw(0.0))
