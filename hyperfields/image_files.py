@@ -2,7 +2,7 @@
 
 Every PNG carries hyperfields' own record as JSON in a `hyperfields` text chunk; a sampled image also carries
 A1111's `parameters` text (prompt, `Negative prompt:` line, then `Key: value` pairs), which A1111's PNG Info tab,
-ComfyUI, InvokeAI and image browsers read.
+ComfyUI's import, Civitai and image browsers read.
 """
 
 from __future__ import annotations

@@ -734,7 +734,7 @@ def test_every_written_file_gets_the_permissions_of_an_ordinary_file(trained, pr
     """Fields, checkpoints, LoRA files, precomputed weights, samples: 0o666 less the umask, as a file the user makes."""
     from hyperfields.field.io import save_field
     from hyperfields.files import replace_folder
-    from hyperfields.generate import write_images
+    from hyperfields.generate import write_image
     from hyperfields.training.ema import EMA
 
     written = [
@@ -767,7 +767,7 @@ def test_every_written_file_gets_the_permissions_of_an_ordinary_file(trained, pr
             ["p0.png", "p1.png", "p2.png"],
             {},
         )
-        write_images([[Image.new("RGB", (8, 8))]], tmp_path / "samples", {"prompts": ["x"]})
+        write_image(Image.new("RGB", (8, 8)), tmp_path / "samples", {"step": 1.0})
         EMA([torch.nn.Parameter(torch.zeros(2))], 0.9).save(tmp_path / "ema.safetensors")
         staging = tmp_path / ".checkpoint-staging"  # accelerate's save_state writes owner-only safetensors
         staging.mkdir()
