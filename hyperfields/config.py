@@ -69,6 +69,11 @@ class ObjectiveConfig:
     # "difference" = Psi(t+k) - Psi(t) with the gradient through both ends.
     match: Literal["position", "difference"] = "position"
     max_step_norm: float = 0.0  # cap on each tensor's real step norm; 0 = no cap
+    # beta of a running average of the update directions, bias-corrected as Adam's first moment: real optimisation
+    # with a smooth path (normalised steps of a fixed size zig-zag late in the trajectory) that goes further in T steps.
+    # Gradient matching then fits each step to the direction at one of the field's own earlier points, drawn with
+    # weight beta^lag; 0 = no average.
+    momentum: float = 0.0
     # Adds end_weight x the task loss at Psi(c, T), relative to theta_0's, to gradient matching: better weights at T,
     # at the price of following the trajectory less closely before T; one more task gradient per condition.
     end_weight: float = 0.0
@@ -186,11 +191,17 @@ def _validate(config: Config) -> None:
         raise UserError(
             f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}"
         )
+    if config.objective.momentum > 0 and (config.objective.rollout > 1 or config.objective.hinge_weight > 0):
+        raise UserError(
+            "config key 'objective.momentum': gradient matching with momentum needs objective.rollout=1 and "
+            "objective.hinge_weight=0"
+        )
     if config.objective.rollout >= config.objective.steps:
         rollout, steps = config.objective.rollout, config.objective.steps
         raise UserError(f"config key 'objective.rollout': {rollout} must be below objective.steps={steps}")
-    if not 0.0 <= config.train.ema_decay < 1.0:
-        raise UserError(f"config key 'train.ema_decay': must be in [0, 1), got {config.train.ema_decay}")
+    for key, value in (("train.ema_decay", config.train.ema_decay), ("objective.momentum", config.objective.momentum)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"config key '{key}': must be in [0, 1), got {value}")
     for key in (
         "train.warmup_steps",
         "train.checkpoint_every",

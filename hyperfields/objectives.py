@@ -3,6 +3,7 @@ supervised regression on precomputed weights."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,34 +64,48 @@ def gradient_matching_loss(
     t: torch.Tensor,
     objective: ObjectiveConfig,
     generator: torch.Generator,
+    lags: torch.Generator | None = None,
 ) -> MatchingStats:
-    """K-step gradient matching: Psi(c, t+k) against k real updates from theta_hat = stopgrad Psi(c, t)."""
+    """K-step gradient matching: Psi(c, t+k) against k real updates from theta_hat = stopgrad Psi(c, t).
+
+    `lags` draws, with momentum, which earlier point's direction stands for the running average (default: `generator`).
+    """
     n, rollout = t.shape[0], objective.rollout
-    # One field call for t, t+1 ... t+K (and T with end_weight) of each sample, its image side computed once.
+    # One field call for t, t+1 ... t+K (and T with end_weight, an earlier step with momentum) of each sample, its image
+    # side computed once.
     steps = t.unsqueeze(1) + torch.arange(rollout + 1, device=t.device)  # (N, K+1)
     if objective.end_weight > 0:
         steps = torch.cat([steps, torch.full((n, 1), objective.steps, dtype=steps.dtype, device=t.device)], dim=1)
+    if objective.momentum > 0:
+        steps = torch.cat([steps, (t - lag_draws(t, objective.momentum, lags or generator)).unsqueeze(1)], dim=1)
     psi = field(t=steps, **field_inputs)  # each (N, M, *shape)
-    at_T = {name: w[:, -1] for name, w in psi.items()} if objective.end_weight > 0 else None
+    at_T = {name: w[:, rollout + 1] for name, w in psi.items()} if objective.end_weight > 0 else None
+    earlier = {name: w[:, -1].detach() for name, w in psi.items()} if objective.momentum > 0 else None
     psi = {name: w[:, : rollout + 1].reshape(-1, *w.shape[2:]) for name, w in psi.items()}  # rows ordered (sample, k)
     groups = shape_groups(psi)
     stacks = [s.view(n, rollout + 1, *s.shape[1:]) for s in stack_by_shape(psi, groups)]  # each (N, K+1, n, *shape)
     theta_hat = [s[:, 0].detach() for s in stacks]
     if not all_finite(theta_hat):
         raise NonFiniteError("non-finite field output")
-    targets, task_losses = real_trajectory(
-        task, unstack_by_shape(theta_hat, groups, psi), inputs, objective, generator, rollout
-    )
-    real_steps = [[r - h for r, h in zip(stack_by_shape(target, groups), theta_hat)] for target in targets]
+    if earlier is None:
+        targets, task_losses = real_trajectory(
+            task, unstack_by_shape(theta_hat, groups, psi), inputs, objective, generator, rollout
+        )
+        real_steps = [[r - h for r, h in zip(stack_by_shape(target, groups), theta_hat)] for target in targets]
+    else:
+        # Momentum: the step from t is eta times the bias-corrected running average of the directions at the field's
+        # own points 0 ... t, weighted beta^(t - k). The direction at one point k drawn with that weight is an unbiased
+        # target for it: the field learns the average, grounded in real gradients, with no optimiser state to carry.
+        plain = dataclasses.replace(objective, momentum=0.0)
+        targets, task_losses = real_trajectory(task, earlier, inputs, plain, generator, 1)
+        real_steps = [[r - e for r, e in zip(stack_by_shape(targets[0], groups), stack_by_shape(earlier, groups))]]
     # "position" (docs/design.md): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the
     # gradient through both ends and fits Psi(t+k) - Psi(t) as a whole.
     start = [s[:, 0].detach() if objective.match == "position" else s[:, 0] for s in stacks]
+    predicted_steps = [[s[:, k + 1] - s0 for s, s0 in zip(stacks, start)] for k in range(rollout)]
     loss = torch.stack(
-        [
-            _stacked_step_loss([s[:, k + 1] - s0 for s, s0 in zip(stacks, start)], real_steps[k], objective.loss)
-            for k in range(rollout)
-        ]
+        [_stacked_step_loss(predicted_steps[k], real_steps[k], objective.loss) for k in range(rollout)]
     ).mean()
     if objective.hinge_weight > 0:
         psi_next = unstack_by_shape([s[:, 1] for s in stacks], groups, psi)
@@ -99,6 +114,14 @@ def gradient_matching_loss(
         loss = loss + objective.end_weight * end_loss(task, at_T, inputs, objective, generator)
     step_norm = torch.cat([tensor_norms(r).reshape(n, -1) for r in real_steps[0]], dim=1).mean()
     return MatchingStats(loss=loss, task_loss=float(task_losses.mean()), step_norm=float(step_norm))
+
+
+def lag_draws(t: torch.Tensor, beta: float, generator: torch.Generator) -> torch.Tensor:
+    """Per sample, j in 0 ... t drawn with probability proportional to beta^j: how far back the direction that stands
+    for the running average at t is taken."""
+    j = torch.arange(int(t.max()) + 1, device=generator.device, dtype=torch.float32)
+    weights = (beta**j).unsqueeze(0) * (j.unsqueeze(0) <= t.to(generator.device).unsqueeze(1))  # (N, t_max + 1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(t.device)
 
 
 def hinge_loss(
@@ -165,6 +188,7 @@ class MicroBatch:
     generator: torch.Generator  # the task's noise draws
     theta_T: Weights | None = None  # supervised: the precomputed theta_T of these images
     theta0: Weights | None = None  # supervised: the field's theta_0
+    lags: torch.Generator | None = None  # matching with momentum: which earlier point stands for the running average
 
 
 Objective = Callable[[Callable[..., Weights], Task, MicroBatch, ObjectiveConfig], tuple[torch.Tensor, dict[str, float]]]
@@ -176,7 +200,9 @@ def _matching(
     batch: MicroBatch,
     objective: ObjectiveConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    stats = gradient_matching_loss(field, task, batch.field_inputs, batch.inputs, batch.t, objective, batch.generator)
+    stats = gradient_matching_loss(
+        field, task, batch.field_inputs, batch.inputs, batch.t, objective, batch.generator, batch.lags
+    )
     return stats.loss, {"task_loss": stats.task_loss, "step_norm": stats.step_norm}
 
 

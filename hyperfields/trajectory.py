@@ -85,11 +85,26 @@ def real_trajectory(
     generator: torch.Generator,
     steps: int,
     on_step: Callable[[int], None] | None = None,
+    velocity: Weights | None = None,
+    first: torch.Tensor | int = 0,
 ) -> tuple[list[Weights], torch.Tensor]:
-    """The weights after each of `steps` real updates from `start` (theta_{k+1} = theta_k - eta * u(grad)),
-    and the per-sample task loss (N,) at `start`."""
+    """The weights after each of `steps` real updates from `start`, and the per-sample task loss (N,) at `start`.
+
+    Without momentum, theta_{k+1} = theta_k - eta u(grad). With objective.momentum = beta, the directions are averaged
+    as Adam averages gradients, bias-corrected: m_{k+1} = beta m_k + (1 - beta) u(grad), theta_{k+1} = theta_k -
+    eta m_{k+1} / (1 - beta^(k+1)); `velocity` is m at `start` (zero when None) and `first` the number of updates
+    that led to `start` (per sample (N,) or one for all).
+    """
     theta = {name: w.detach() for name, w in start.items()}
     groups = shape_groups(theta)
+    beta = objective.momentum
+    if beta > 0:
+        count = torch.as_tensor(first, dtype=torch.float32)
+        average = (
+            [torch.zeros_like(w) for w in stack_by_shape(theta, groups)]
+            if velocity is None
+            else [v.detach() for v in stack_by_shape(velocity, groups)]
+        )
     trajectory, start_losses = [], None
     for k in range(steps):
         grads, losses = task_gradients(task, theta, inputs, objective.noise_draws, generator)
@@ -98,10 +113,13 @@ def real_trajectory(
             raise NonFiniteError("non-finite task loss or gradient in a real update")
         start_losses = losses if start_losses is None else start_losses
         max_norm = objective.max_step_norm / objective.step_size
-        updated = [
-            w - objective.step_size * _cap(_direction(g, objective.update), max_norm)
-            for w, g in zip(stack_by_shape(theta, groups), stacked)
-        ]
+        directions = [_cap(_direction(g, objective.update), max_norm) for g in stacked]
+        if beta > 0:
+            average = [beta * m + (1 - beta) * u for m, u in zip(average, directions)]
+            count = count + 1
+            correction = (1 - beta**count).to(stacked[0].device)
+            directions = [m / correction.view(-1, *([1] * (m.ndim - 1))) for m in average]
+        updated = [w - objective.step_size * u for w, u in zip(stack_by_shape(theta, groups), directions)]
         theta = unstack_by_shape(updated, groups, start)
         trajectory.append(theta)
         if on_step is not None:

@@ -142,3 +142,77 @@ def test_end_weight_adds_the_task_loss_at_T_relative_to_theta0(quadratic_task):
         theta0 = {name: w.expand(3, *w.shape) for name, w in quadratic_task.initial_weights().items()}
         relative = quadratic_task.loss(at_T, inputs, 1, None) / quadratic_task.loss(theta0, inputs, 1, None)
     torch.testing.assert_close(losses[2.0] - losses[0.0], 2.0 * relative.mean())
+
+
+def test_momentum_updates_are_adams_bias_corrected_running_average_of_directions(quadratic_task):
+    from hyperfields.trajectory import real_trajectory
+
+    objective = ObjectiveConfig(steps=6, step_size=0.1, update="sgd", momentum=0.8, noise_draws=1)
+    images = colour_images(3, seed=2)
+    inputs = quadratic_task.prepare(images, [""] * 3)
+    theta0 = {n: w.expand(3, *w.shape) for n, w in quadratic_task.initial_weights().items()}
+    path, _ = real_trajectory(quadratic_task, theta0, inputs, objective, torch.Generator(), 6)
+    theta, average = dict(theta0), {n: torch.zeros_like(w) for n, w in theta0.items()}
+    for k in range(6):
+        grad = {n: quadratic_task.h[n] * (theta[n] - inputs[n]) for n in theta}  # dL/dtheta of the quadratic
+        average = {n: 0.8 * average[n] + 0.2 * grad[n] for n in theta}
+        theta = {n: theta[n] - 0.1 * average[n] / (1 - 0.8 ** (k + 1)) for n in theta}
+        for n in theta:
+            torch.testing.assert_close(path[k][n], theta[n])
+    # The path is smoother than plain steps: on this quadratic, with a large step size, plain updates overshoot
+    # and alternate in sign where the averaged ones do not.
+    objective.step_size, objective.momentum = 1.8, 0.0
+    plain, _ = real_trajectory(quadratic_task, theta0, inputs, objective, torch.Generator(), 6)
+    second, first = plain[1]["layer.bias"] - plain[0]["layer.bias"], plain[0]["layer.bias"] - theta0["layer.bias"]
+    assert (second * first).lt(0).any()
+
+
+def test_lag_draws_weigh_earlier_steps_by_powers_of_beta():
+    from hyperfields.objectives import lag_draws
+
+    t = torch.tensor([0, 3, 50] * 4000)
+    lags = lag_draws(t, 0.8, torch.Generator().manual_seed(0))
+    assert torch.all(lags <= t) and torch.all(lags[t == 0] == 0)
+    far = lags[t == 50].float()
+    assert abs(far.mean().item() - 0.8 / 0.2) < 0.15  # the geometric distribution's mean beta / (1 - beta)
+    near = lags[t == 3]
+    expected = torch.tensor([0.8**j for j in range(4)])
+    observed = torch.bincount(near, minlength=4).float()
+    torch.testing.assert_close(observed / observed.sum(), expected / expected.sum(), atol=0.02, rtol=0)
+
+
+def _relative_errors(task, field, images, objective, path) -> list[float]:
+    theta0 = {n: w.expand(len(images), *w.shape) for n, w in task.initial_weights().items()}
+    errors = []
+    with torch.no_grad():
+        tokens = field.encoder(images)
+        for t in range(1, objective.steps + 1):
+            predicted = field(t=t, encoder_tokens=tokens)
+            error = torch.cat([(predicted[n] - path[t - 1][n]).flatten(1) for n in predicted], 1).norm(dim=1)
+            size = torch.cat([(path[t - 1][n] - theta0[n]).flatten(1) for n in predicted], 1).norm(dim=1)
+            errors.append(float((error / size).mean()))
+    return errors
+
+
+@pytest.mark.slow
+def test_matching_with_momentum_follows_the_momentum_path_not_the_plain_one(quadratic_task):
+    # With momentum the target of each step is the direction at one of the field's own earlier points, drawn with
+    # weight beta^lag: unbiased for the running average, so the field learns the momentum path itself.
+    from hyperfields.trajectory import real_trajectory
+
+    images = colour_images(4, seed=1)
+    inputs = quadratic_task.prepare(images, [""] * 4)
+    theta0 = {n: w.expand(4, *w.shape) for n, w in quadratic_task.initial_weights().items()}
+    objective = ObjectiveConfig(steps=20, step_size=0.3, update="normalized", momentum=0.9, noise_draws=1)
+    momentum_path, _ = real_trajectory(quadratic_task, theta0, inputs, objective, torch.Generator(), 20)
+    plain = ObjectiveConfig(steps=20, step_size=0.3, update="normalized", noise_draws=1)
+    plain_path, _ = real_trajectory(quadratic_task, theta0, inputs, plain, torch.Generator(), 20)
+    with_momentum = train_on_quadratic(quadratic_task, images, objective, iterations=600)
+    without = train_on_quadratic(quadratic_task, images, plain, iterations=600)
+
+    def error(field, path) -> float:
+        return sum(_relative_errors(quadratic_task, field, images, objective, path)) / objective.steps
+
+    assert error(with_momentum, momentum_path) < 0.2
+    assert error(with_momentum, momentum_path) < 0.85 * error(with_momentum, plain_path)
+    assert error(without, plain_path) < 0.85 * error(without, momentum_path)

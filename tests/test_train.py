@@ -137,7 +137,9 @@ def test_bf16_runs_the_frozen_models_in_bf16_and_keeps_the_field_fp32(photos, tm
     assert max((field[k] - reference_field[k]).abs().max().item() for k in field) < 0.05
 
 
-@pytest.mark.parametrize("option", ["objective.rollout=2", "objective.update=sign", "objective.loss=cosine_norm"])
+@pytest.mark.parametrize(
+    "option", ["objective.rollout=2", "objective.update=sign", "objective.loss=cosine_norm", "objective.momentum=0.9"]
+)
 def test_objective_options_change_what_is_trained(photos, tmp_path, reference_field, option):
     result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", option)
     assert result.exit_code == 0, result.output

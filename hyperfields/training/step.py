@@ -27,7 +27,8 @@ def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
     noise = stream(seed, "noise", step, process, micro, accelerator.device)
     field_inputs, inputs = run.cache.get(picks) if run.cache is not None else run.conditions(picks)
     if run.theta_T is None:
-        return MicroBatch(field_inputs, inputs, t.to(accelerator.device), noise)
+        lags = stream(seed, "lags", step, process, micro) if config.objective.momentum > 0 else None
+        return MicroBatch(field_inputs, inputs, t.to(accelerator.device), noise, lags=lags)
     theta_T = {name: w[picks].to(accelerator.device) for name, w in run.theta_T.items()}
     theta0 = accelerator.unwrap_model(run.field).theta0()
     return MicroBatch(field_inputs, inputs, t.to(accelerator.device), noise, theta_T, theta0)
