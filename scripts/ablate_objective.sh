@@ -20,9 +20,16 @@ cells = "  ".join(f"{arm} " + " / ".join(f"{v:.2f}" for v in values.values()) fo
 print(f"{sys.argv[2]:28s} {cells}  ({r['seconds']:.0f} s)", flush=True)
 PY
 }
-run end300                field,direct "--set=objective.end_weight=300"
+run end300                field,direct "--set=objective.end_weight=300" "--set=objective.loss=relative_mse"
 run end300-cosine-norm    field "--set=objective.end_weight=300" "--set=objective.loss=cosine_norm"
-run hinge10-end300        field "--set=objective.end_weight=300" "--set=objective.hinge_weight=10"
-run hinge10               field "--set=objective.end_weight=0" "--set=objective.hinge_weight=10"
+run hinge10-end300        field "--set=objective.end_weight=300" "--set=objective.hinge_weight=10" "--set=objective.loss=relative_mse"
+run hinge10               field "--set=objective.end_weight=0" "--set=objective.hinge_weight=10" "--set=objective.loss=relative_mse"
 run end1000-cosine-norm   field "--set=objective.end_weight=1000" "--set=objective.loss=cosine_norm"
 run rollout2-end300-cosine-norm field "--set=objective.end_weight=300" "--set=objective.loss=cosine_norm" "--set=objective.rollout=2"
+# Momentum: real optimisation itself changes (a smooth path that goes further in T steps), and with it the targets.
+run momentum09-end300     field "--set=objective.end_weight=300" "--set=objective.loss=relative_mse" "--set=objective.momentum=0.9"
+run momentum09            field "--set=objective.end_weight=0" "--set=objective.loss=relative_mse" "--set=objective.momentum=0.9"
+# The field's size and learning rate, with the preset's objective (cosine_norm + end 300).
+run width256              field "--set=field.width=256"
+run depth4                field "--set=field.depth=4"
+run lr3e-3                field "--set=train.learning_rate=0.003"

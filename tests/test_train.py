@@ -138,7 +138,7 @@ def test_bf16_runs_the_frozen_models_in_bf16_and_keeps_the_field_fp32(photos, tm
 
 
 @pytest.mark.parametrize(
-    "option", ["objective.rollout=2", "objective.update=sign", "objective.loss=cosine_norm", "objective.momentum=0.9"]
+    "option", ["objective.rollout=2", "objective.update=sign", "objective.loss=relative_mse", "objective.momentum=0.9"]
 )
 def test_objective_options_change_what_is_trained(photos, tmp_path, reference_field, option):
     result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", option)
