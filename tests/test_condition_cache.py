@@ -142,7 +142,7 @@ def test_disk_entries_are_reused_across_caches_and_never_for_another_model(photo
 @pytest.mark.parametrize("key", ["base_model=other", "encoder=other", "resolution=32", "task=inr"])
 def test_every_frozen_model_setting_changes_the_identity(key):
     assert condition_identity(load_config(None, [f"model.{key}"])) != condition_identity(Config())
-    assert condition_identity(load_config(None, ["train.mixed_precision=bf16"])) != condition_identity(Config())
+    assert condition_identity(load_config(None, ["train.frozen_dtype=bf16"])) != condition_identity(Config())
 
 
 def test_a_damaged_entry_is_computed_again(photos, tmp_path):

@@ -14,6 +14,7 @@ from hyperfields.cli.common import (
     FormerDataOption,
     SetOption,
     TrainingImagesOption,
+    note,
     reports_errors,
     training_photos,
 )
@@ -51,7 +52,7 @@ def build_command(
     for key, value in (("model.base_model", base_model), ("model.encoder", encoder)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(config, [*overrides, "train.cache=disk", "train.cache_latents=false"])
+    cfg = load_config(config, [*overrides, "train.cache=disk", "train.cache_latents=false"], note)
     images = training_photos(ctx)
     from hyperfields.training.cache_build import (
         build_cache,  # heavy imports only once the arguments are known to be good

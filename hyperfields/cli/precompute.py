@@ -15,6 +15,7 @@ from hyperfields.cli.common import (
     SetOption,
     TrainingImagesOption,
     former_flag_as_key,
+    note,
     reports_errors,
     training_photos,
 )
@@ -40,7 +41,7 @@ def precompute_command(
     overrides = former_flag_as_key(ctx, "batch_size", "train.batch_size", list(set_ or []))
     if base_model is not None:
         overrides.append(f"model.base_model={base_model}")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, note)
     images = training_photos(ctx)
     from hyperfields.devices import resolve_device
     from hyperfields.precompute import precompute  # heavy imports only once the arguments are known to be good
