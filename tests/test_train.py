@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def test_train_writes_a_loadable_field_and_checkpoints(photos, tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipping" in result.output and "broken.jpg" in result.output
     assert "recovered fraction R" in result.output
+    assert re.search(r"held-out .* 6/6 real optimisation \(once\)", result.stderr), result.stderr
     record = json.loads((tmp_path / "run" / "field" / "config.json").read_text())
     assert record["trained_steps"] == 4 and record["steps"] == 6 and record["rank"] == 4
     assert record["base_model"] == "tiny" and "torch" in record["versions"]

@@ -19,6 +19,7 @@ from hyperfields.cli.common import (
     training_photos,
 )
 from hyperfields.config import load_config
+from hyperfields.progress import progress
 
 OutputOption = Annotated[
     Path,
@@ -58,10 +59,8 @@ def build_command(
         build_cache,  # heavy imports only once the arguments are known to be good
     )
 
-    def progress(done: int, total: int) -> None:
-        typer.echo(f"cached {done} of {total} images of this process", err=True)
-
-    built = build_cache(cfg, images, output, batch_size, progress)
+    with progress("caching", "images of this process") as advance:
+        built = build_cache(cfg, images, output, batch_size, advance)
     if built.main_process:
         typer.echo(
             f"cache '{built.folder}' holds the conditions of all {built.images} training images "

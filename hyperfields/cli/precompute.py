@@ -20,6 +20,7 @@ from hyperfields.cli.common import (
     training_photos,
 )
 from hyperfields.config import load_config
+from hyperfields.progress import progress
 
 
 @reports_errors
@@ -51,10 +52,8 @@ def precompute_command(
     def warn(message: str) -> None:
         typer.echo(message, err=True)
 
-    def progress(done: int, total: int) -> None:
-        typer.echo(f"optimised {done} of {total} training images ({cfg.objective.steps} steps each)", err=True)
-
-    folder = precompute(cfg, images, output, chosen, on_batch=progress, warn=warn)
+    with progress("precompute", "real updates") as advance:
+        folder = precompute(cfg, images, output, chosen, on_step=advance, warn=warn)
     typer.echo(
         f"wrote theta_T (T={cfg.objective.steps}) of the training images to '{folder}'; "
         f"train on it with --set objective.kind=supervised --set objective.precomputed={folder}"
