@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Literal
 
-from hyperfields.config_values import coerce, parse_yaml, resolve_config
+from hyperfields.config_values import coerce, parse_yaml, read_config_file
 from hyperfields.errors import UserError
 from hyperfields.lora import DEFAULT_TARGETS
 
@@ -93,6 +94,9 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warm-up, then cosine decay to zero at max_steps
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0  # clip the field's gradient norm; 0 = off
+    # dtype of the frozen models (UNet, VAE, text encoders, a frozen image encoder); the field stays fp32.
+    frozen_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Autocast of the field's forward pass (accelerate's mixed precision); its weights and optimiser state stay fp32.
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False  # recompute UNet activations during backward: far less memory, ~25% more time
     # Where each training image's conditions (VAE latents, text embeddings, the frozen encoder's tokens) are kept once
@@ -101,7 +105,7 @@ class TrainConfig:
     # memory-mapped so memory does not grow with the dataset. Same losses with all three.
     cache: Literal["none", "memory", "disk"] = "none"
     # cache=disk: the folder; "" = OUTPUT/cache. Entries are named by a hash of the image bytes, the caption and the
-    # frozen models (base_model, encoder, resolution, mixed_precision, hyperfields version), so a changed model or
+    # frozen models (base_model, encoder, resolution, frozen_dtype, hyperfields version), so a changed model or
     # photo never reuses one; `hyperfields cache build` fills it before training.
     cache_dir: str = ""
     cache_latents: bool = False  # deprecated alias of cache=memory, accepted for one release
@@ -116,6 +120,7 @@ class TrainConfig:
     heldout: int = 2  # images kept out of training for the held-out evaluation
     eval_draws: int = 16  # fixed noise draws per held-out image in the evaluation
     log_every: int = 10
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # the tracker training scalars go to
     skip_nonfinite: int = 0  # steps with non-finite values to skip before stopping
 
 
@@ -244,42 +249,53 @@ def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:
     return flat
 
 
-def config_from_dict(values: dict[str, Any], where: str = "config") -> Config:
-    """A validated Config from a nested {section: {key: value}} mapping."""
+def _read_former_precision(config: Config, given: set[str], note: Callable[[str], None] | None) -> None:
+    """train.mixed_precision without train.frozen_dtype keeps its former meaning, the frozen models' dtype, for one
+    release: a config written for it trains as it did."""
+    train = config.train
+    if train.mixed_precision == "no" or "train.frozen_dtype" in given:
+        return
+    value = train.mixed_precision
+    if note is not None:
+        note(
+            f"note: train.mixed_precision={value} as the frozen models' dtype is deprecated; use "
+            f"train.frozen_dtype={value} (train.mixed_precision, set beside it, autocasts the field)"
+        )
+    train.frozen_dtype, train.mixed_precision = value, "no"
+
+
+def _config(items: list[tuple[str, Any]], note: Callable[[str], None] | None) -> Config:
+    """A validated Config from `section.key` values applied in order."""
     config = Config()
-    for key, value in _flatten(values, where).items():
+    for key, value in items:
         _set(config, key, value)
+    _read_former_precision(config, {key for key, _ in items}, note)
     _validate(config)
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The Config from a YAML file or preset name (defaults where absent) with `section.key=value` overrides applied."""
-    values: Any = {}
-    where = "config"
-    if path is not None:
-        source = resolve_config(path)
-        where = str(source)
-        try:
-            text = source.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"config file '{source}' does not exist") from None
-        except UnicodeDecodeError as error:
-            raise UserError(
-                f"config file '{source}' is not valid YAML: not UTF-8 text ({error.reason} at byte {error.start})"
-            ) from None
-        except OSError as error:  # a folder, no permission
-            raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
-        values = parse_yaml(text, f"config file '{source}'")
-        if values is None:  # an empty file or only comments: the defaults
-            values = {}
-        if not isinstance(values, dict):
-            raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
-    config = config_from_dict(values, where=where)
+def config_from_dict(
+    values: dict[str, Any], where: str = "config", note: Callable[[str], None] | None = None
+) -> Config:
+    """A validated Config from a nested {section: {key: value}} mapping; `note` gets a line per former meaning."""
+    return _config(list(_flatten(values, where).items()), note)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    note: Callable[[str], None] | None = None,
+) -> Config:
+    """The Config from a YAML file or preset name (defaults where absent) with `section.key=value` overrides applied.
+
+    `note` gets a one-line note for each key read with a former meaning.
+    """
+    values, where = read_config_file(path) if path is not None else ({}, "config")
+    items = list(_flatten(values, where).items())
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
             raise UserError(f"override '{override}': expected key=value, e.g. train.max_steps=100")
-        _set(config, key.strip(), parse_yaml(raw, f"override '{key.strip()}=...': the value") if raw.strip() else "")
-    _validate(config)
-    return config
+        value = parse_yaml(raw, f"override '{key.strip()}=...': the value") if raw.strip() else ""
+        items.append((key.strip(), value))
+    return _config(items, note)

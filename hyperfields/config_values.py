@@ -65,6 +65,27 @@ def parse_yaml(text: str, where: str) -> Any:
         raise UserError(f"{where} is not usable YAML ({error_line(error)})") from None
 
 
+def read_config_file(name: str | Path) -> tuple[dict[str, Any], str]:
+    """The sections of config file or preset `name` ({} for an empty file), and the file's name for messages."""
+    source = resolve_config(name)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file '{source}' does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"config file '{source}' is not valid YAML: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except OSError as error:  # a folder, no permission
+        raise UserError(f"config file '{source}' cannot be read ({error.strerror or error})") from None
+    values = parse_yaml(text, f"config file '{source}'")
+    if values is None:  # an empty file or only comments: the defaults
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
+    return values, str(source)
+
+
 def _shown(value: Any, limit: int = 80) -> str:
     """`repr(value)`, cut to `limit` characters: an error line stays readable whatever was typed."""
     text = repr(value)
@@ -76,6 +97,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = get_origin(annotation)
     if origin is Literal:
         choices = get_args(annotation)
+        if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in choices:
             raise UserError(f"config key '{key}': {_shown(value)} is not one of {', '.join(map(str, choices))}")
         return value

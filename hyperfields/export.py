@@ -79,8 +79,10 @@ def export_folder(
     format: LoraFormat = "diffusers",
     precision: LoraPrecision = "fp16",
     warn: Callable[[str], None] | None = None,
+    on_file: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
-    """The files written into folder `out`, one per usable photo under `folder`, named by the photo's path there."""
+    """The files written into folder `out`, one per usable photo under `folder`, named by the photo's path there;
+    `on_file(done, total)` after each."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' is a file; a folder of photos is exported into a folder, one file per photo")
@@ -96,7 +98,11 @@ def export_folder(
             )
         targets[image.path] = name
     writable_folder(out)
-    return [
-        write_prediction(field, record, read_photo(photo, record.resolution), t, name, format, precision, origin)
-        for photo, name in targets.items()
-    ]
+    written = []
+    for photo, name in targets.items():
+        written.append(
+            write_prediction(field, record, read_photo(photo, record.resolution), t, name, format, precision, origin)
+        )
+        if on_file is not None:
+            on_file(len(written), len(targets))
+    return written

@@ -42,14 +42,25 @@ def optimise_images(
     dataset: ImageCaptionDataset,
     config: Config,
     device: torch.device,
-    on_batch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> Weights:
     """theta_T by name, (M, *shape) on the CPU: T real updates from theta_0 for every image, train.batch_size at a
-    time (the batch a training step computes task gradients for, so one that fits in training fits here)."""
+    time (the batch a training step computes task gradients for, so one that fits in training fits here).
+
+    `on_step(done, total)` follows the real updates of all batches together.
+    """
     objective = config.objective
     batch_size = config.train.batch_size
     theta0 = task.initial_weights()
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in theta0}
+    total, updates = -(-len(dataset) // batch_size) * objective.steps, 0
+
+    def counted(_: int) -> None:
+        nonlocal updates
+        updates += 1
+        if on_step is not None:
+            on_step(updates, total)
+
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         images = torch.stack([item["pixel_values"] for item in items]).to(device)
@@ -57,11 +68,9 @@ def optimise_images(
         batch_theta0 = {name: w.to(device).expand(len(items), *w.shape) for name, w in theta0.items()}
         # Seeded by the batch's first row: the same folder and config give the same weights.
         generator = stream(config.train.seed, "precompute", index=start, device=device)
-        trajectory, _ = real_trajectory(task, batch_theta0, inputs, objective, generator, objective.steps)
+        trajectory, _ = real_trajectory(task, batch_theta0, inputs, objective, generator, objective.steps, counted)
         for name in rows:
             rows[name].append(trajectory[-1][name].detach().cpu())
-        if on_batch is not None:
-            on_batch(start + len(items), len(dataset))
     return {name: torch.cat(chunks) for name, chunks in rows.items()}
 
 
@@ -85,18 +94,18 @@ def precompute(
     data_dir: Path,
     output: Path,
     device: torch.device | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Optimise every training image of `data_dir` (the same held-out split as `train`) on `device` (default: the
-    GPU when there is one) and write the folder."""
+    GPU when there is one) and write the folder; `on_step(done, total)` follows the real updates."""
     device = device if device is not None else resolve_device("auto")
     report = scan_image_folder(
         Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn
     )
     records, _ = split_heldout(report.records, config.train.heldout, config.train.seed)
     task = build_task(config, device, torch.float32)
-    theta_T = optimise_images(task, ImageCaptionDataset(records, config.model.resolution), config, device, on_batch)
+    theta_T = optimise_images(task, ImageCaptionDataset(records, config.model.resolution), config, device, on_step)
     objective = config.objective
     record = {
         "task": config.model.task,

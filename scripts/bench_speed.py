@@ -47,7 +47,7 @@ from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("tiny", "sd15", "sdxl")
 QUICK_RESOLUTION = {"tiny": 64, "sd15": 128, "sdxl": 256}
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def synchronize(device: torch.device) -> None:
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument(
         "--precision",
         choices=sorted(_DTYPES),
-        help="frozen models' precision (default: the preset's on a GPU, 'no' = fp32 on a CPU)",
+        help="frozen models' dtype (default: the preset's train.frozen_dtype on a GPU, fp32 on a CPU)",
     )
     parser.add_argument("--draws", type=int, default=1, help="noise draws per task gradient in the matching step")
     parser.add_argument("--iters", type=int, help="timed steps of each kind (default 10; 3 with --quick)")
@@ -139,7 +139,7 @@ def main() -> None:
     config = load_config(CONFIGS / f"{args.preset}.yaml", args.overrides)
     batch = args.batch or (1 if args.quick else config.train.batch_size)
     resolution = args.resolution or (QUICK_RESOLUTION[args.preset] if args.quick else config.model.resolution)
-    precision = args.precision or (config.train.mixed_precision if device.type == "cuda" else "no")
+    precision = args.precision or (config.train.frozen_dtype if device.type == "cuda" else "fp32")
     iters = args.iters or (3 if args.quick else 10)
     # One thread for the quick CPU run: on a shared machine, other processes stall multi-threaded small ops at
     # OpenMP barriers, which inflates the field's many small ops far more than the UNet's large ones.

@@ -50,7 +50,7 @@ def visible_options(command: click.Command) -> dict[str, list[str]]:
 
 
 def test_every_command_is_walked() -> None:
-    assert set(WRITERS) | {"inspect", "config"} == set(commands())
+    assert set(WRITERS) | {"inspect", "config", "push"} == set(commands())
 
 
 def test_one_name_for_one_thing_across_commands() -> None:
@@ -68,7 +68,7 @@ def test_one_name_for_one_thing_across_commands() -> None:
     assert {long: s for long, s in spellings.items() if len(s) > 1} == {}
 
 
-@pytest.mark.parametrize("name", sorted(set(WRITERS) | {"inspect", "config"}))
+@pytest.mark.parametrize("name", sorted(set(WRITERS) | {"inspect", "config", "push"}))
 def test_help_shows_only_the_current_names(name: str) -> None:
     result = runner.invoke(app, [*name.split(), "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -79,7 +79,7 @@ def train_three_ways(photos: Path, tmp_path: Path) -> dict[str, dict[str, torch.
 def test_cache_build_fills_the_cache_that_training_then_only_reads(photos, tmp_path, monkeypatch):
     result = invoke("cache build", photos, tmp_path / "run", "train.cache_dir=" + str(tmp_path / "shared"))
     assert result.exit_code == 0, result.output
-    assert "all 5 training images" in result.output
+    assert "all 5 training images" in result.output and "5/5 images of this process" in result.stderr
     entries = sorted((tmp_path / "shared").rglob("*.safetensors"))
     stamps = [p.stat().st_mtime_ns for p in entries]
     assert len(entries) == 5
@@ -142,7 +142,7 @@ def test_disk_entries_are_reused_across_caches_and_never_for_another_model(photo
 @pytest.mark.parametrize("key", ["base_model=other", "encoder=other", "resolution=32", "task=inr"])
 def test_every_frozen_model_setting_changes_the_identity(key):
     assert condition_identity(load_config(None, [f"model.{key}"])) != condition_identity(Config())
-    assert condition_identity(load_config(None, ["train.mixed_precision=bf16"])) != condition_identity(Config())
+    assert condition_identity(load_config(None, ["train.frozen_dtype=bf16"])) != condition_identity(Config())
 
 
 def test_a_damaged_entry_is_computed_again(photos, tmp_path):
@@ -187,7 +187,8 @@ def test_cache_build_under_torchrun_splits_the_images_across_processes(photos, t
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "cached 3 of 3 images of this process" in result.stderr  # rank 0's share: images 0, 2 and 4 of 5
+    assert "3/3 images of this process" in result.stderr  # rank 0's share: images 0, 2 and 4 of 5
+    assert result.stderr.count("images of this process") == 1  # one bar, from the process that reports
     assert result.stdout.count("holds the conditions of all 5 training images (built by 2 process(es))") == 1
     assert len(list((tmp_path / "run" / "cache").rglob("*.safetensors"))) == 5
 

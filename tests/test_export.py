@@ -154,7 +154,7 @@ def test_a_folder_of_photos_gives_one_file_per_usable_photo(trained, tmp_path):
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     result = export(trained, tmp_path / "loras", "--images", str(photos), "--format", "kohya")
     assert result.exit_code == 0, result.output
-    assert "broken.jpg" in result.output
+    assert "broken.jpg" in result.output and "4/4 photos" in result.stderr
     assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == [f"p{i}.safetensors" for i in range(4)]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import diffusers
 import numpy as np
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
-from hyperfields.field.io import load_field, push_field, save_field
+from hyperfields.field.io import load_field, save_field
 from hyperfields.field.record import FieldRecord
 from hyperfields.generate import cached_lora_file
 from hyperfields.models import load_encoder
@@ -201,29 +200,6 @@ def test_a_field_folder_from_before_spatial_rank_loads_with_the_mean_condition_a
     assert field.spatial_rank == 0
     kept = field.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in state.items() if not k.startswith("spatial_"))
-
-
-def test_a_field_pushed_to_the_hub_loads_back_by_its_hub_id(trained, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
-
-    commit = "0" * 40
-    snapshot = tmp_path / "hub" / "models--me--tiny-field" / "snapshots" / commit
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        # What the hub would then serve for repo_id: the uploaded folder as a snapshot in the local hub cache.
-        shutil.copytree(folder_path, snapshot)
-        (snapshot.parents[1] / "refs").mkdir()
-        (snapshot.parents[1] / "refs" / "main").write_text(commit)
-
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    field, record = load_field(trained.field)
-    assert push_field(field, record, "me/tiny-field") == "me/tiny-field"
-    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    copy, _ = load_field("me/tiny-field", cache_dir=tmp_path / "hub", local_files_only=True)
-    images = torch.rand(2, 3, 64, 64) * 2 - 1
-    first, second = field(t=6, images=images), copy(t=6, images=images)
-    assert all(torch.equal(first[name], second[name]) for name in first)
 
 
 def other_base_model(folder: Path) -> Path:

@@ -94,8 +94,8 @@ def config_given_to_train(monkeypatch) -> list[Config]:
     """The Config `hyperfields train` loads, captured before anything is trained."""
     loaded: list[Config] = []
 
-    def load_then_stop(config, overrides):
-        loaded.append(load_config(config, overrides))
+    def load_then_stop(config, overrides, note=None):
+        loaded.append(load_config(config, overrides, note))
         raise UserError("stop before training")
 
     monkeypatch.setattr(train_cli, "load_config", load_then_stop)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
+from hyperfields.config import load_config
 from hyperfields.field.io import load_field
 from tests.conftest import FAST, clean_exit
 
@@ -37,6 +40,11 @@ def run_train(photos: Path, output: Path, *extra: str):
     )
 
 
+def error_lines(result) -> list[str]:
+    """What a failed run printed besides notes: one error line, nothing else."""
+    return [line for line in result.stderr.splitlines() if not line.startswith("note:")]
+
+
 def field_tensors(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "field" / "model.safetensors"))
 
@@ -46,6 +54,7 @@ def test_train_writes_a_loadable_field_and_checkpoints(photos, tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipping" in result.output and "broken.jpg" in result.output
     assert "recovered fraction R" in result.output
+    assert re.search(r"held-out .* 6/6 real optimisation \(once\)", result.stderr), result.stderr
     record = json.loads((tmp_path / "run" / "field" / "config.json").read_text())
     assert record["trained_steps"] == 4 and record["steps"] == 6 and record["rank"] == 4
     assert record["base_model"] == "tiny" and "torch" in record["versions"]
@@ -108,6 +117,13 @@ def test_unknown_key_in_yaml_file_is_reported_with_the_file(tmp_path, photos):
     assert result.exit_code == 2 and "train.max_step" in result.output
 
 
+def test_a_bare_no_in_a_yaml_file_is_the_value_no(tmp_path):
+    # YAML 1.1 reads `no` as false: `mixed_precision: no` is how accelerate's own config files spell it.
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(config).train.mixed_precision == "no"
+
+
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "train" in result.output and "tiny" in result.output
@@ -128,13 +144,66 @@ def differs(field: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) 
     return any(not torch.equal(field[name], reference[name]) for name in reference)
 
 
-def test_bf16_runs_the_frozen_models_in_bf16_and_keeps_the_field_fp32(photos, tmp_path, reference_field):
-    result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", "train.mixed_precision=bf16")
+def test_bf16_frozen_models_keep_the_field_fp32_and_the_former_key_trains_the_same(photos, tmp_path, reference_field):
+    result = run_train(photos, tmp_path / "run", "--max-steps", "2", "--set", "train.frozen_dtype=bf16")
     assert result.exit_code == 0, result.output
     field = field_tensors(tmp_path / "run")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in field.values())
     assert differs(field, reference_field), "bf16 frozen models give other gradients than fp32"
     assert max((field[k] - reference_field[k]).abs().max().item() for k in field) < 0.05
+    # A config written when train.mixed_precision named the frozen models' dtype trains as it did, with a note.
+    former = run_train(photos, tmp_path / "former", "--max-steps", "2", "--set", "train.mixed_precision=bf16")
+    assert former.exit_code == 0, former.output
+    notes = [line for line in former.stderr.splitlines() if line.startswith("note: train.mixed_precision")]
+    assert len(notes) == 1 and "use train.frozen_dtype=bf16" in notes[0]
+    assert not differs(field_tensors(tmp_path / "former"), field)
+
+
+def test_bf16_autocast_of_the_field_keeps_its_weights_fp32(photos, tmp_path, reference_field):
+    result = run_train(
+        photos,
+        tmp_path / "run",
+        "--max-steps",
+        "2",
+        "--set",
+        "train.mixed_precision=bf16",
+        "--set",
+        "train.frozen_dtype=fp32",
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: train.mixed_precision" not in result.stderr
+    field = field_tensors(tmp_path / "run")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in field.values())
+    assert differs(field, reference_field), "the field's forward under bf16 autocast gives other updates than fp32"
+    assert max((field[k] - reference_field[k]).abs().max().item() for k in field) < 0.05
+    record = json.loads((tmp_path / "run" / "field" / "config.json").read_text())["config"]["train"]
+    assert (record["mixed_precision"], record["frozen_dtype"]) == ("bf16", "fp32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")
+def test_fp16_autocast_without_a_gpu_is_a_one_line_error(photos, tmp_path):
+    autocast = ["--set", "train.mixed_precision=fp16", "--set", "train.frozen_dtype=fp32"]
+    result = run_train(photos, tmp_path / "run", "--max-steps", "1", *autocast)
+    assert result.exit_code == 2 and clean_exit(result), result.output
+    assert error_lines(result) == [
+        "error: config key 'train.mixed_precision': fp16 autocast needs a GPU and none is visible; use bf16 or no"
+    ]
+
+
+def test_report_to_none_writes_no_tracker_files(photos, tmp_path):
+    result = run_train(photos, tmp_path / "run", "--max-steps", "1", "--set", "train.report_to=none")
+    assert result.exit_code == 0, result.output
+    assert "recovered fraction R" in result.output and (tmp_path / "run" / "field" / "config.json").is_file()
+    assert not list((tmp_path / "run").rglob("*tfevents*")) and not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_report_to_wandb_without_wandb_names_the_package(photos, tmp_path):
+    result = run_train(photos, tmp_path / "run", "--max-steps", "1", "--set", "train.report_to=wandb")
+    assert result.exit_code == 2 and clean_exit(result), result.output
+    assert error_lines(result) == [
+        "error: config key 'train.report_to': wandb is not installed (pip install wandb), or use tensorboard"
+    ]
 
 
 @pytest.mark.parametrize(

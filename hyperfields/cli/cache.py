@@ -14,10 +14,12 @@ from hyperfields.cli.common import (
     FormerDataOption,
     SetOption,
     TrainingImagesOption,
+    note,
     reports_errors,
     training_photos,
 )
 from hyperfields.config import load_config
+from hyperfields.progress import progress
 
 OutputOption = Annotated[
     Path,
@@ -51,16 +53,14 @@ def build_command(
     for key, value in (("model.base_model", base_model), ("model.encoder", encoder)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(config, [*overrides, "train.cache=disk", "train.cache_latents=false"])
+    cfg = load_config(config, [*overrides, "train.cache=disk", "train.cache_latents=false"], note)
     images = training_photos(ctx)
     from hyperfields.training.cache_build import (
         build_cache,  # heavy imports only once the arguments are known to be good
     )
 
-    def progress(done: int, total: int) -> None:
-        typer.echo(f"cached {done} of {total} images of this process", err=True)
-
-    built = build_cache(cfg, images, output, batch_size, progress)
+    with progress("caching", "images of this process") as advance:
+        built = build_cache(cfg, images, output, batch_size, advance)
     if built.main_process:
         typer.echo(
             f"cache '{built.folder}' holds the conditions of all {built.images} training images "

@@ -104,6 +104,11 @@ def former_flag_as_key(ctx: typer.Context, former: str, key: str, overrides: lis
     return [*overrides, f"{key}={ctx.params[former]}"]
 
 
+def note(line: str) -> None:
+    """Print a one-line note (a former name or meaning, a skipped file) on stderr."""
+    typer.echo(line, err=True)
+
+
 def training_photos(ctx: typer.Context) -> Path:
     """The folder of training photos given as --images (or its former name --data); a UserError if not a folder."""
     images: Path = renamed(ctx, "images", "data")

@@ -13,12 +13,14 @@ from hyperfields.cli.common import (
     FormerOutOption,
     LoraFormatOption,
     StepOption,
+    note,
     refuse_lora_options,
     renamed,
     reports_errors,
 )
 from hyperfields.errors import UserError
 from hyperfields.lora import LoraPrecision
+from hyperfields.progress import progress
 
 PrecisionOption = Annotated[
     LoraPrecision,
@@ -65,9 +67,8 @@ def export_command(
     if image is not None:
         written = [export_photo(loaded, record, image, output, t, format, precision)]
     else:
-        written = export_folder(
-            loaded, record, images, output, t, format, precision, warn=lambda message: typer.echo(message, err=True)
-        )
+        with progress("export", "photos") as advance:
+            written = export_folder(loaded, record, images, output, t, format, precision, warn=note, on_file=advance)
     kind = f"{format} {precision} LoRA" if record.task == "lora" else f"{record.task} weights"
     what = f"{kind} '{written[0]}'" if image is not None else f"{len(written)} {kind} files to '{output}'"
     typer.echo(f"wrote {what} (t = {t:g} of T = {record.steps})")

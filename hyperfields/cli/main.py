@@ -11,6 +11,7 @@ from hyperfields.cli.export import export_command
 from hyperfields.cli.generate import generate_command
 from hyperfields.cli.inspect import inspect_command
 from hyperfields.cli.precompute import precompute_command
+from hyperfields.cli.push import push_command
 from hyperfields.cli.refine import refine_command
 from hyperfields.cli.tiny import tiny_command
 from hyperfields.cli.train import train_command
@@ -36,6 +37,7 @@ app.command("export")(export_command)
 app.command("refine")(refine_command)
 app.command("inspect")(inspect_command)
 app.command("precompute")(precompute_command)
+app.command("push")(push_command)
 app.command("config")(config_command)
 app.add_typer(cache_app, name="cache")
 

@@ -15,10 +15,12 @@ from hyperfields.cli.common import (
     SetOption,
     TrainingImagesOption,
     former_flag_as_key,
+    note,
     reports_errors,
     training_photos,
 )
 from hyperfields.config import load_config
+from hyperfields.progress import progress
 
 
 @reports_errors
@@ -40,7 +42,7 @@ def precompute_command(
     overrides = former_flag_as_key(ctx, "batch_size", "train.batch_size", list(set_ or []))
     if base_model is not None:
         overrides.append(f"model.base_model={base_model}")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, note)
     images = training_photos(ctx)
     from hyperfields.devices import resolve_device
     from hyperfields.precompute import precompute  # heavy imports only once the arguments are known to be good
@@ -50,10 +52,8 @@ def precompute_command(
     def warn(message: str) -> None:
         typer.echo(message, err=True)
 
-    def progress(done: int, total: int) -> None:
-        typer.echo(f"optimised {done} of {total} training images ({cfg.objective.steps} steps each)", err=True)
-
-    folder = precompute(cfg, images, output, chosen, on_batch=progress, warn=warn)
+    with progress("precompute", "real updates") as advance:
+        folder = precompute(cfg, images, output, chosen, on_step=advance, warn=warn)
     typer.echo(
         f"wrote theta_T (T={cfg.objective.steps}) of the training images to '{folder}'; "
         f"train on it with --set objective.kind=supervised --set objective.precomputed={folder}"

@@ -14,6 +14,7 @@ from hyperfields.cli.common import (
     FormerDataOption,
     SetOption,
     TrainingImagesOption,
+    note,
     reports_errors,
     training_photos,
 )
@@ -57,7 +58,7 @@ def train_command(
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, note)
     images = training_photos(ctx)
     from hyperfields.training import train  # heavy imports only once the arguments are known to be good
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from hyperfields.errors import UserError, error_line
+from hyperfields.field.card import model_card
 from hyperfields.field.encoder import ImageEncoder
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FORMAT, FieldRecord, package_versions
@@ -35,48 +35,6 @@ def field_state_dict(field: HyperField) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-MODEL_CARD = """---
-{{ card_data }}
----
-
-# hyperfields field
-
-A hypernetwork field ([HyperNet Fields](https://arxiv.org/abs/2412.17040)): given one photo and a step `t`, it
-predicts the weights that `t` steps of per-subject optimisation would produce, in one forward pass.
-
-- task `{{ task }}`: {{ settings }}
-- image encoder `{{ encoder }}`, trajectory length T = {{ steps }}
-
-```
-{{ usage }}
-```
-"""
-USAGE = {
-    "lora": 'hyperfields generate --field <this repo> --image photo.jpg --prompt "{prompt}" --out images/\n'
-    "hyperfields export --field <this repo> --image photo.jpg --format kohya --out photo_lora.safetensors",
-    "inr": "hyperfields generate --field <this repo> --image photo.jpg --height 512 --width 512 --out images/\n"
-    "hyperfields export --field <this repo> --image photo.jpg --out photo_weights.safetensors",
-}
-
-
-def model_card(record: FieldRecord) -> str:
-    """The README.md of a field folder: what the hub shows for it."""
-    tags = ["lora", "stable-diffusion"] if record.task == "lora" else ["implicit-neural-representation"]
-    data = ModelCardData(library_name="hyperfields", tags=["hypernetwork", *tags])
-    settings = ", ".join(f"{key} {value}" for key, value in record.task_settings.items() if key != "targets")
-    usage = USAGE[record.task].format(prompt=record.caption_template.replace("{token}", record.token))
-    card = ModelCard.from_template(
-        data,
-        template_str=MODEL_CARD,
-        task=record.task,
-        settings=settings,
-        encoder=record.encoder,
-        steps=record.steps,
-        usage=usage,
-    )
-    return str(card)
-
-
 def write_field_files(field: HyperField, record: FieldRecord, folder: Path) -> None:
     """model.safetensors, config.json and README.md of `field` in the existing `folder`."""
     folder = Path(folder)
@@ -89,23 +47,6 @@ def save_field(field: HyperField, folder: Path, record: FieldRecord) -> Path:
     """The field folder, written into a temporary sibling renamed into place once complete; versions recorded."""
     record = replace(record, versions=package_versions())
     return write_folder(Path(folder), lambda staging: write_field_files(field, record, staging))
-
-
-def push_field(
-    field: HyperField,
-    record: FieldRecord,
-    repo_id: str,
-    private: bool | None = None,
-    token: str | None = None,
-    commit_message: str = "Upload hyperfields field",
-) -> str:
-    """The hub model `repo_id` (created if absent) after uploading the field folder; load it back with load_field."""
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as scratch:
-        write_field_files(field, replace(record, versions=package_versions()), Path(scratch))
-        api.upload_folder(repo_id=repo, folder_path=scratch, commit_message=commit_message)
-    return repo
 
 
 def resolve_field_folder(
@@ -183,12 +124,9 @@ def _size_mismatch(record: FieldRecord, state: dict[str, torch.Tensor]) -> str |
     return None
 
 
-def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any) -> tuple[HyperField, FieldRecord]:
-    """The trained field, in eval mode on `device`, and its record, from a field folder or a hub model id.
-
-    `hub` goes to the download of a hub id: revision, cache_dir, force_download, local_files_only, token.
-    """
-    folder = resolve_field_folder(name, **hub)
+def read_field_files(folder: Path) -> tuple[FieldRecord, dict[str, torch.Tensor]]:
+    """The record and the saved tensors of a local field folder, checked to agree and to be finite, without building
+    the field or loading its encoder."""
     record = read_record(folder)
     try:
         state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
@@ -212,6 +150,16 @@ def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any)
             f"{'not floating point' if not state[damaged].is_floating_point() else 'NaN or infinite'}; "
             "the file is damaged, write it again with 'hyperfields train'"
         )
+    return record, state
+
+
+def load_field(name: str | Path, device: str | torch.device = "cpu", **hub: Any) -> tuple[HyperField, FieldRecord]:
+    """The trained field, in eval mode on `device`, and its record, from a field folder or a hub model id.
+
+    `hub` goes to the download of a hub id: revision, cache_dir, force_download, local_files_only, token.
+    """
+    folder = resolve_field_folder(name, **hub)
+    record, state = read_field_files(folder)
     model, norm = load_encoder(record.encoder)
     encoder = ImageEncoder(model, norm, trainable=record.train_encoder)
     zeros = {name: torch.zeros(shape) for name, shape in record.layout.items()}

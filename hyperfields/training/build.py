@@ -4,6 +4,7 @@ optimiser, EMA and condition cache, and the record a trained field is saved with
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 
 from hyperfields.config import Config
@@ -29,7 +31,7 @@ from hyperfields.training.cache import ConditionCache, condition_cache
 from hyperfields.training.ema import EMA
 from hyperfields.training.logs import print0
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Conditions = Callable[[list[int]], tuple[dict[str, torch.Tensor], Any]]
 
@@ -66,15 +68,25 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def make_accelerator(config: Config, output: Path) -> Accelerator:
-    """The run's Accelerator: gradient accumulation, tensorboard logs under `output/logs`, the GPU when there is one."""
+    """The run's Accelerator: gradient accumulation, the field's autocast, the tracker writing under `output/logs`,
+    the GPU when there is one."""
+    train = config.train
+    cpu = not torch.cuda.is_available()
+    if train.mixed_precision == "fp16" and cpu:  # accelerate would run fp32 without a word
+        raise UserError(
+            "config key 'train.mixed_precision': fp16 autocast needs a GPU and none is visible; use bf16 or no"
+        )
+    if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("config key 'train.report_to': wandb is not installed (pip install wandb), or use tensorboard")
+    if AcceleratorState._shared_state.get("_mixed_precision", train.mixed_precision) != train.mixed_precision:
+        # accelerate keeps one precision per process; a run before this one in the process chose another.
+        AcceleratorState._reset_state()
     return Accelerator(
-        gradient_accumulation_steps=config.train.gradient_accumulation,
-        # train.mixed_precision only sets the frozen models' dtype: the field stays fp32 without autocast,
-        # because its steps Psi(t+1) - Psi(t) are ~1/T of its outputs and bf16 would round them away.
-        mixed_precision="no",
-        log_with="tensorboard",
+        gradient_accumulation_steps=train.gradient_accumulation,
+        mixed_precision=train.mixed_precision,  # the field's forward only: frozen models run in train.frozen_dtype
+        log_with=None if train.report_to == "none" else train.report_to,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
     )
 
 
@@ -114,7 +126,7 @@ def load_images(
 def build_field(config: Config, task: Task) -> HyperField:
     """A new field for `task`'s layout, its encoder loaded, initialised from train.seed."""
     train = config.train
-    dtype = torch.float32 if config.model.train_encoder else DTYPES[train.mixed_precision]
+    dtype = torch.float32 if config.model.train_encoder else DTYPES[train.frozen_dtype]
     encoder_model, norm = load_encoder(config.model.encoder, dtype)
     encoder = ImageEncoder(encoder_model, norm, trainable=config.model.train_encoder)
     torch.manual_seed(train.seed)  # the same init on every process
@@ -156,8 +168,8 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
             f"config key 'train.sampling': shard sampling needs a training image per process, and there are "
             f"{len(dataset)} for {accelerator.num_processes} processes; use train.sampling=global"
         )
-    # Frozen models in the compute precision, the field and its optimiser in fp32.
-    task = build_task(config, accelerator.device, DTYPES[train.mixed_precision])
+    # Frozen models in train.frozen_dtype, the field and its optimiser in fp32.
+    task = build_task(config, accelerator.device, DTYPES[train.frozen_dtype])
     field = build_field(config, task)
     parameters = [p for p in field.parameters() if p.requires_grad]
     # The fused kernel: on CPU a step of a small field takes a quarter of the per-tensor loop's time.

@@ -137,7 +137,7 @@ def condition_identity(config: Config) -> str:
             "encoder": model.encoder,
             "train_encoder": model.train_encoder,
             "resolution": model.resolution,
-            "dtype": config.train.mixed_precision,
+            "dtype": config.train.frozen_dtype,
             "hyperfields": hyperfields.__version__,
         },
         sort_keys=True,

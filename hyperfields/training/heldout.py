@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from rich.progress import Progress
 
 from hyperfields.evaluation import HeldoutReference, HeldoutReport, field_losses, heldout_reference
 from hyperfields.references import REFERENCE_NAME, heldout_group, photo_digest, reference_key, shared_reference
@@ -33,7 +34,7 @@ def run_reference_key(run: TrainingRun) -> dict[str, Any]:
         "kind": config.model.task,
         "settings": run.task.record(),
         "resolution": config.model.resolution,
-        "dtype": config.train.mixed_precision,
+        "dtype": config.train.frozen_dtype,
     }
     return reference_key(
         [photo_digest(record.path, record.caption) for record in run.heldout.records],
@@ -46,9 +47,9 @@ def run_reference_key(run: TrainingRun) -> dict[str, Any]:
     )
 
 
-def heldout_share(run: TrainingRun) -> HeldoutShare:
+def heldout_share(run: TrainingRun, bars: Progress) -> HeldoutShare:
     """This process's held-out photos, prepared, and the reference losses of all, read or computed (see
-    hyperfields.references)."""
+    hyperfields.references) with a bar among `bars`."""
     accelerator, config = run.accelerator, run.config
     process = accelerator.process_index
     rows = heldout_group(len(run.heldout), process, accelerator.num_processes)
@@ -60,7 +61,12 @@ def heldout_share(run: TrainingRun) -> HeldoutShare:
 
     def compute(_: list[int]) -> HeldoutReference:  # this process's rows, as above
         draws, seed = config.train.eval_draws, config.train.seed + 99
-        return heldout_reference(run.task, images, inputs, config.objective, draws, seed, group=process)
+        bar = bars.add_task("held-out", total=config.objective.steps, info="real optimisation (once)")
+
+        def advance(k: int) -> None:
+            bars.update(bar, completed=k + 1)
+
+        return heldout_reference(run.task, images, inputs, config.objective, draws, seed, process, advance)
 
     store = run.output / REFERENCE_NAME
     (loss_theta0, loss_real), reused = shared_reference(
@@ -75,8 +81,9 @@ class HeldoutEvaluation:
     """`evaluate(step)`: held-out R of the run's field, printed and logged; None when nothing is held out, and on
     every process but the main one. Every process calls it at the same steps."""
 
-    def __init__(self, run: TrainingRun) -> None:
+    def __init__(self, run: TrainingRun, bars: Progress) -> None:
         self.run = run
+        self.bars = bars  # the run's progress bars: the reference's real optimisation gets one
         self.share: HeldoutShare | None = None  # prepared on the first evaluation
 
     def __call__(self, step: int) -> float | None:
@@ -85,7 +92,7 @@ class HeldoutEvaluation:
         if not len(run.heldout):
             return None
         if self.share is None:
-            self.share = heldout_share(run)
+            self.share = heldout_share(run, self.bars)
         share = self.share
         mine: list[tuple[int, torch.Tensor]] = []
         if share.rows:

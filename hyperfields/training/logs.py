@@ -1,14 +1,13 @@
-"""What a run shows and logs: messages and the progress bar on the main process only, tensorboard's hparams."""
+"""What a run shows and logs: messages and progress bars on the main process only, the trackers' hparams."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from accelerate import Accelerator
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
-CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: one message stays one line
+from hyperfields.progress import CONSOLE, progress_bars
 
 
 def print0(accelerator: Accelerator, *args: Any, markup: bool = True) -> None:
@@ -18,18 +17,8 @@ def print0(accelerator: Accelerator, *args: Any, markup: bool = True) -> None:
 
 
 def progress_bar(accelerator: Accelerator) -> Progress:
-    """A progress bar of training steps with their rate and loss, shown by the main process only."""
-    return Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} step/s"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=CONSOLE,
-        disable=not accelerator.is_main_process,
-        transient=False,
-    )
+    """The run's progress bars (training steps, the held-out reference), shown by the main process only."""
+    return progress_bars(disable=not accelerator.is_main_process)
 
 
 def hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -67,12 +67,11 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
         state = load_checkpoint(run, resume_from)
         print0(accelerator, f"resumed from '{resume_from}' at step {state.step}")
     accelerator.init_trackers("hyperfields", config=hparams(config.to_dict()))  # on the main process only
-    evaluate = HeldoutEvaluation(run)
-
-    progress = progress_bar(accelerator)
-    bar = progress.add_task("train", total=train.max_steps, completed=state.step, rate="-", loss="-")
+    bars = progress_bar(accelerator)
+    bar = bars.add_task("training", total=train.max_steps, completed=state.step, info="")
+    evaluate = HeldoutEvaluation(run, bars)
     started, started_step = time.perf_counter(), state.step
-    with progress:
+    with bars:
         while state.step < train.max_steps:
             try:
                 logs = train_step(run, state.step)
@@ -82,7 +81,7 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
                 continue
             state.step += 1
             rate = (state.step - started_step) / (time.perf_counter() - started)
-            progress.update(bar, completed=state.step, rate=f"{rate:.2f}", loss=f"{logs['loss']:.4f}")
+            bars.update(bar, completed=state.step, info=f"{rate:.2f} step/s loss {logs['loss']:.4f}")
             # Once in a while: logs, a checkpoint, a held-out score (the last step's follow the loop).
             if state.step % train.log_every == 0 or state.step == train.max_steps:
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
@@ -90,10 +89,10 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
                 save_checkpoint(run, state)
             if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
                 evaluate(state.step)
-    save_checkpoint(run, state)
-    if run.ema is not None:
-        run.ema.copy_to_parameters()
-    recovered = evaluate(state.step)
+        save_checkpoint(run, state)
+        if run.ema is not None:
+            run.ema.copy_to_parameters()
+        recovered = evaluate(state.step)
     field_dir = write_field(run, state.step, recovered)
     if state.skipped_nonfinite:
         print0(accelerator, f"skipped {state.skipped_nonfinite} step(s) with non-finite values")

@@ -35,14 +35,16 @@ def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
 
 
 def gradient_norm(run: TrainingRun) -> torch.Tensor:
-    """The field's gradient norm before clipping to train.max_grad_norm (when > 0); raises NonFiniteError on NaN/Inf."""
+    """The field's gradient norm before clipping to train.max_grad_norm (when > 0); raises NonFiniteError on NaN/Inf
+    (unless fp16's loss scaler will skip the update)."""
     norm = None  # accelerate's clipping returns None where it cannot tell the norm
     if run.config.train.max_grad_norm > 0:
         norm = run.accelerator.clip_grad_norm_(run.field.parameters(), run.config.train.max_grad_norm)
     if norm is None:
         grads = [p.grad for p in run.field.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    if not torch.isfinite(norm):
+    # Under fp16 autocast an overflowing gradient is the loss scaler's to handle: it skips the update, lowers the scale.
+    if not torch.isfinite(norm) and run.accelerator.scaler is None:
         raise NonFiniteError("non-finite gradient of the field")
     return norm
 
