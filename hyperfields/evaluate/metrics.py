@@ -22,7 +22,7 @@ from hyperfields.models import resolve_model_path
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-SCALE = "cosine similarity of embeddings: 1 = the same embedding, 0 = unrelated"
+SCALE = "cosine similarity of two embeddings: 1 = the same, 0 = unrelated"
 
 
 def _dino_features(model: Any, pixels: torch.Tensor) -> torch.Tensor:
