@@ -14,7 +14,12 @@ from transformers import CLIPModel, CLIPProcessor
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
-from hyperfields.models import resolve_model_path
+from hyperfields.config import config_from_dict
+from hyperfields.evaluate.arms import Arm, Personaliser
+from hyperfields.field.io import load_field
+from hyperfields.models import load_pipeline_components, resolve_model_path
+from hyperfields.predict import predicted_weights, read_photo
+from hyperfields.refine import refine
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
@@ -52,7 +57,7 @@ def evaluated(trained: TinyField, two_photos: Path, tmp_path_factory) -> Path:
             "evaluate",
             *("--field", str(trained.field), "--images", str(two_photos), "--output", str(output)),
             *("--prompts", str(prompts), "--class-noun", "dog", "--num-images", "2", "--refine-updates", "2"),
-            *("--step", "0", "--step", "3", *QUICK),
+            *("--step", "0", "--step", "3", "--face-model", "tiny", *QUICK),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -64,11 +69,11 @@ def test_evaluate_writes_metrics_table_sheets_and_images(evaluated: Path) -> Non
     metrics = json.loads((evaluated / "metrics.json").read_text(encoding="utf-8"))
     labels = ["base", "field", "field t=0", "field t=3", "refine", "optimise"]
     assert list(metrics["arms"]) == labels
-    assert metrics["checkpoints"] == {"dino": "tiny", "clip": "tiny", "face": None}
+    assert metrics["checkpoints"] == {"dino": "tiny", "clip": "tiny", "face": "tiny"}
     assert {row["t"] for row in metrics["arms"].values()} == {0.0, 3.0, 6.0, 8.0}
     for row in metrics["arms"].values():
         assert row["images"] == 2 * 2 * 2  # photos x prompts x images
-        for score in ("dino", "clip_i", "clip_t"):
+        for score in ("dino", "clip_i", "clip_t", "face"):
             assert -1.0 <= row[score]["mean"] <= 1.0 and row[score]["std"] >= 0.0
     assert len(metrics["images"]) == len(labels) * 8
     for image in metrics["images"]:
@@ -77,7 +82,7 @@ def test_evaluate_writes_metrics_table_sheets_and_images(evaluated: Path) -> Non
         assert image["prompt"] == image["scored_prompt"].replace("dog", "sks dog")
     assert {image["seed"] for image in metrics["images"]} == {0, 1}
     table = (evaluated / "metrics.md").read_text(encoding="utf-8")
-    assert all(f"| {label} |" in table for label in labels)
+    assert all(f"| {label} |" in table for label in labels) and "| DINO | CLIP-I | CLIP-T | face |" in table
     for sheet in ("000-p0.png", "001-p1.png"):
         with Image.open(evaluated / "sheets" / sheet) as image:
             assert image.width > 4 * 64 and image.height > len(labels) * 64  # prompts x images, a row per arm
@@ -141,3 +146,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Tin
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert sorted(tmp_path.rglob("*")) == before  # no output folder, no staging folder left behind
+
+
+def test_refine_arm_is_hyperfields_refine_and_optimise_starts_at_the_fields_theta0(trained: TinyField) -> None:
+    field, record = load_field(str(trained.field))
+    photo = read_photo(trained.photo, record.resolution)
+    objective = config_from_dict(record.config).objective
+    personaliser = Personaliser(field, record, load_pipeline_components("tiny"), objective, seed=0)
+    refined, _ = personaliser.weights(Arm("refine", record.steps + 2.0, "refine"), photo, subject=0)
+    expected = refine(field, record, photo, 2, "tiny", seed=0).lora.tensors
+    assert refined.keys() == expected.keys()
+    assert all(torch.equal(refined[name], expected[name]) for name in expected)
+    theta0 = personaliser.task.initial_weights()
+    assert all(torch.equal(theta0[name], w) for name, w in predicted_weights(field, photo, 0.0).items())

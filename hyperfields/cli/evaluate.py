@@ -73,7 +73,13 @@ def evaluate_command(
         int, typer.Option("--refine-updates", min=1, help="Real updates the refine arm continues the prediction by.")
     ] = 40,
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt and arm.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Image i of every prompt and arm is sampled from seed + i.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Image i of every prompt and arm is sampled from seed + i; seeds refine's and optimise's noise.",
+        ),
+    ] = 0,
     num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", min=1, help="Sampler steps.")] = 30,
     guidance_scale: Annotated[
         float, typer.Option("--guidance-scale", min=0.0, help="Classifier-free guidance scale.")
