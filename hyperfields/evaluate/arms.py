@@ -65,7 +65,7 @@ def arm_rows(kinds: list[str], steps: int, field_steps: list[float], refine_upda
 
 
 class Personaliser:
-    """The LoRA of each arm for one subject, made on the frozen models of `parts` (moved to the field's device)."""
+    """The LoRA each arm makes for a subject, on the frozen models of `parts` (on the field's device)."""
 
     def __init__(
         self, field: HyperField, record: FieldRecord, parts: PipelineParts, objective: ObjectiveConfig, seed: int
