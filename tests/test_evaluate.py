@@ -58,6 +58,7 @@ def evaluated(trained: TinyField, two_photos: Path, tmp_path_factory) -> Path:
             *("--field", str(trained.field), "--images", str(two_photos), "--output", str(output)),
             *("--prompts", str(prompts), "--class-noun", "dog", "--num-images", "2", "--refine-updates", "2"),
             *("--step", "0", "--step", "3", "--face-model", "tiny", *QUICK),
+            *("--arms", "base,field,refine,optimise,dreambooth", "--dreambooth-steps", "2"),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -67,10 +68,10 @@ def evaluated(trained: TinyField, two_photos: Path, tmp_path_factory) -> Path:
 
 def test_evaluate_writes_metrics_table_sheets_and_images(evaluated: Path) -> None:
     metrics = json.loads((evaluated / "metrics.json").read_text(encoding="utf-8"))
-    labels = ["base", "field", "field t=0", "field t=3", "refine", "optimise"]
+    labels = ["base", "field", "field t=0", "field t=3", "refine", "optimise", "dreambooth"]
     assert list(metrics["arms"]) == labels
     assert metrics["checkpoints"] == {"dino": "tiny", "clip": "tiny", "face": "tiny"}
-    assert {row["t"] for row in metrics["arms"].values()} == {0.0, 3.0, 6.0, 8.0}
+    assert {row["t"] for row in metrics["arms"].values()} == {0.0, 2.0, 3.0, 6.0, 8.0}
     for row in metrics["arms"].values():
         assert row["images"] == 2 * 2 * 2  # photos x prompts x images
         for score in ("dino", "clip_i", "clip_t", "face"):
@@ -97,7 +98,7 @@ def test_the_field_at_t0_is_the_base_model_and_the_trained_arms_are_not(evaluate
 
     base = pixels("base")
     assert all(np.array_equal(a, b) for a, b in zip(base, pixels("field t=0")))
-    for label in ("refine", "optimise"):
+    for label in ("refine", "optimise", "dreambooth"):
         assert not all(np.array_equal(a, b) for a, b in zip(base, pixels(label))), label
 
 
@@ -130,7 +131,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Tin
             str(write_prompts(tmp_path / "p.txt", "a photo of a {class}")),
             "line 1: the prompt has no {token}",
         ),
-        "unknown arm": ("--arms", "base,dreambooth", "unknown arm 'dreambooth'"),
+        "unknown arm": ("--arms", "base,lora", "unknown arm 'lora'"),
         "step past T": ("--step", "7", "step 7 is outside [0, 6]"),
         "bad DINO model": ("--dino-model", str(empty), "DINO model"),
         "folder of other files": ("--output", str(tmp_path), "holds other files"),
@@ -159,3 +160,20 @@ def test_refine_arm_is_hyperfields_refine_and_optimise_starts_at_the_fields_thet
     assert all(torch.equal(refined[name], expected[name]) for name in expected)
     theta0 = personaliser.task.initial_weights()
     assert all(torch.equal(theta0[name], w) for name, w in predicted_weights(field, photo, 0.0).items())
+
+
+def test_the_dreambooth_arm_lowers_the_task_loss_from_theta0(trained: TinyField) -> None:
+    field, record = load_field(str(trained.field))
+    photo = read_photo(trained.photo, record.resolution)
+    objective = config_from_dict(record.config).objective
+    personaliser = Personaliser(field, record, load_pipeline_components("tiny"), objective, seed=0, dreambooth_lr=1e-2)
+    trained_lora, _ = personaliser.weights(Arm("dreambooth", 8.0, "dreambooth"), photo, subject=0)
+    task = personaliser.task
+    inputs = task.prepare(photo.pixels.unsqueeze(0), ["a photo of sks"])
+
+    def loss(weights: dict[str, torch.Tensor]) -> float:
+        batched = {name: w.unsqueeze(0) for name, w in weights.items()}
+        with torch.no_grad():
+            return float(task.loss(batched, inputs, 16, torch.Generator().manual_seed(1234)).mean())
+
+    assert loss(trained_lora) < loss(task.initial_weights())

@@ -63,7 +63,7 @@ def evaluate_command(
         str, typer.Option("--class-noun", help="What the subjects are (person, dog, backpack): fills {class}.")
     ] = "person",
     arms: Annotated[
-        str, typer.Option("--arms", help="Comma-separated arms: base, field, refine, optimise.")
+        str, typer.Option("--arms", help="Comma-separated arms: base, field, refine, optimise, dreambooth.")
     ] = "base,field,refine,optimise",
     step: Annotated[
         list[float] | None,
@@ -72,6 +72,12 @@ def evaluate_command(
     refine_updates: Annotated[
         int, typer.Option("--refine-updates", min=1, help="Real updates the refine arm continues the prediction by.")
     ] = 40,
+    dreambooth_steps: Annotated[
+        int, typer.Option("--dreambooth-steps", min=1, help="AdamW steps of the dreambooth arm (DreamBooth-LoRA).")
+    ] = 500,
+    dreambooth_lr: Annotated[
+        float, typer.Option("--dreambooth-lr", min=0.0, help="Learning rate of the dreambooth arm's AdamW.")
+    ] = 1e-4,
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt and arm.")] = 4,
     seed: Annotated[
         int,
@@ -127,7 +133,7 @@ def evaluate_command(
     torch_device = torch.device(resolve_device(device))
     loaded, record = load_field(field, device=torch_device)
     require_task(record, "lora", "evaluate")
-    rows = arm_rows(kinds, record.steps, step or [], refine_updates)
+    rows = arm_rows(kinds, record.steps, step or [], refine_updates, dreambooth_steps)
     photos = [read_photo(image.path, record.resolution) for image in found]
     scorers = load_scorers(dino_model, clip_model, face_model, torch_device)
     plan = Plan(
@@ -139,11 +145,16 @@ def evaluate_command(
         sampling=Sampling(num_images, seed, num_inference_steps, guidance_scale),
     )
     base = base_model or record.task_settings["base_model"]
-    details = {"field": field, "prompts": prompts, "refine_updates": refine_updates if "refine" in kinds else None}
+    details = {
+        "field": field,
+        "prompts": prompts,
+        "refine_updates": refine_updates if "refine" in kinds else None,
+        "dreambooth": {"steps": dreambooth_steps, "learning_rate": dreambooth_lr} if "dreambooth" in kinds else None,
+    }
     label = f"evaluating {len(photos)} subject(s) x {len(rows)} arm(s)"
     with typer.progressbar(length=len(photos) * len(rows), label=label) as bar:
         summary = write_evaluation(
-            loaded, record, plan, base, scorers, output, seed, details, on_arm=lambda: bar.update(1)
+            loaded, record, plan, base, scorers, output, seed, details, lambda: bar.update(1), dreambooth_lr
         )
     typer.echo(markdown_table(summary, scorers.checkpoints()))
     typer.echo(f"wrote metrics.json, metrics.md, {len(photos)} contact sheet(s) and the images to '{output}'")

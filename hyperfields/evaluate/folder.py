@@ -45,6 +45,7 @@ def write_evaluation(
     seed: int = 0,
     details: dict[str, Any] | None = None,
     on_arm: Callable[[], None] | None = None,
+    dreambooth_lr: float = 1e-4,
 ) -> dict[str, Any]:
     """The per-arm summary, after writing the evaluation of `plan` to `output`: images/, sheets/, metrics.json and
     metrics.md. `details` (e.g. where the field and prompts came from) go into metrics.json as they are."""
@@ -53,7 +54,7 @@ def write_evaluation(
     parts = load_pipeline_components(base_model)
     parts.to(next(field.parameters()).device)
     check_base_model(field, record, parts.unet, base_model)
-    personaliser = Personaliser(field, record, parts, objective, seed)
+    personaliser = Personaliser(field, record, parts, objective, seed, dreambooth_lr)
     pipeline = pipeline_from_parts(parts)
     recorded = {
         **(details or {}),
