@@ -3,36 +3,13 @@ scored for identity (DINO, CLIP-I, face) and prompt fidelity (CLIP-T)."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, FieldOption, reports_errors
+from hyperfields.cli.common import BaseModelOption, DeviceOption, FieldOption, reports_errors
 from hyperfields.errors import UserError
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-def resolve_device(device: Device) -> str:
-    """The torch device to run on: the GPU when there is one for 'auto'; a UserError for one that is not there."""
-    import torch
-
-    from hyperfields.predict import default_device
-
-    if device == Device.auto:
-        return str(default_device())
-    if device == Device.cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to torch")
-    if device == Device.mps and not torch.backends.mps.is_available():
-        raise UserError("--device mps: the Apple GPU (MPS) is not available to torch")
-    return device.value
 
 
 @reports_errors
@@ -102,14 +79,12 @@ def evaluate_command(
         str | None,
         typer.Option("--face-model", help="Image model whose pooled output embeds a face, for a face score."),
     ] = None,
-    device: Annotated[Device, typer.Option("--device", help="Where to run: auto = the GPU when there is one.")] = (
-        Device.auto
-    ),
+    device: DeviceOption = "auto",
 ) -> None:
     """Score the base model, the field, refinement and real optimisation on subject photos and prompts."""
-    import torch
 
     from hyperfields.data import scan_image_folder
+    from hyperfields.devices import resolve_device
     from hyperfields.evaluate.arms import arm_rows, parse_arms
     from hyperfields.evaluate.folder import check_output_folder, write_evaluation
     from hyperfields.evaluate.metrics import load_scorers
@@ -130,7 +105,7 @@ def evaluate_command(
     if not images.is_dir():
         raise UserError(f"--images '{images}' is not a folder of photos")
     found = scan_image_folder(images).records
-    torch_device = torch.device(resolve_device(device))
+    torch_device = resolve_device(device)
     loaded, record = load_field(field, device=torch_device)
     require_task(record, "lora", "evaluate")
     rows = arm_rows(kinds, record.steps, step or [], refine_updates, dreambooth_steps)

@@ -55,7 +55,7 @@ def write_evaluation(
     parts.to(next(field.parameters()).device)
     check_base_model(field, record, parts.unet, base_model)
     personaliser = Personaliser(field, record, parts, objective, seed, dreambooth_lr)
-    pipeline = pipeline_from_parts(parts)
+    pipeline = pipeline_from_parts(parts, plan.sampling.scheduler)
     recorded = {
         **(details or {}),
         "base_model": base_model,

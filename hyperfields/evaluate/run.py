@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from hyperfields.contact_sheet import labelled_sheet
 from hyperfields.evaluate.arms import Arm, Personaliser
 from hyperfields.evaluate.metrics import Scorers
 from hyperfields.evaluate.prompts import Prompt
 from hyperfields.files import atomic_write
+from hyperfields.image_files import labelled_sheet
 from hyperfields.predict import Photo
 from hyperfields.sampling import Sampling, sample_with_lora
 
