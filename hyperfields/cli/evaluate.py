@@ -69,7 +69,8 @@ def evaluate_command(
     ] = 7.5,
     base_model: BaseModelOption = None,
     dino_model: Annotated[
-        str, typer.Option("--dino-model", help="DINO checkpoint (hub id or folder) for the DINO score.")
+        str,
+        typer.Option("--dino-model", help="DINO checkpoint for the DINO score: hub id or folder; 'tiny' = built-in."),
     ] = "facebook/dino-vits16",
     clip_model: Annotated[
         str,
