@@ -1,5 +1,5 @@
 """One evaluation: for every subject photo and arm, a LoRA, images of every prompt with the same seeds, their
-scores, and a contact sheet per subject (rows = arms, columns = prompts)."""
+scores, and a contact sheet per subject (rows = arms, columns = prompts, the first image of each)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from hyperfields.files import atomic_write
 from hyperfields.image_files import labelled_sheet
 from hyperfields.predict import Photo
 from hyperfields.sampling import Sampling, sample_with_lora
+
+SHEET_CELL = 256  # pixels: the largest side of an image on a contact sheet
 
 
 @dataclass
@@ -67,6 +69,13 @@ def _reference_image(photo: Photo) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
+def _thumbnail(image: Image.Image) -> Image.Image:
+    # Sheets of 25 prompts and five arms at 1024 px would be 25600 px wide; 256 px shows enough of each image.
+    image = image.copy()
+    image.thumbnail((SHEET_CELL, SHEET_CELL))
+    return image
+
+
 def _save_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))
 
@@ -113,7 +122,7 @@ def run_evaluation(
                             scores=image_scores,
                         )
                     )
-            sheet_rows.append(rows)
+            sheet_rows.append([[_thumbnail(images[0])] for images in rows])  # the first image of each prompt
             if on_arm is not None:
                 on_arm()
         sheet = labelled_sheet(sheet_rows, [arm.label for arm in plan.arms], [f"p{p:02d}" for p in range(len(texts))])
