@@ -122,6 +122,11 @@ class TrainConfig:
     log_every: int = 10
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # the tracker training scalars go to
     skip_nonfinite: int = 0  # steps with non-finite values to skip before stopping
+    # Samples while training (LoRA fields): images of Psi(c, T) for each held-out photo and each of these prompts
+    # ({token} = data.token), one PNG grid per photo under OUTPUT/samples/step-N/ and in tensorboard; [] = off.
+    validation_prompts: list[str] = dc_field(default_factory=list)
+    validation_every: int = 0  # steps between samples; 0 = only at the end
+    validation_images: int = 2  # images per prompt and photo
 
 
 @dataclass
@@ -166,6 +171,7 @@ _POSITIVE = {
     "train.gradient_accumulation",
     "train.eval_draws",
     "train.log_every",
+    "train.validation_images",
 }
 
 
@@ -214,6 +220,7 @@ def _validate(config: Config) -> None:
         "train.eval_every",
         "train.heldout",
         "train.skip_nonfinite",
+        "train.validation_every",
         "train.weight_decay",
         "train.max_grad_norm",
         "objective.max_step_norm",
@@ -232,11 +239,25 @@ def _validate(config: Config) -> None:
                 "contradicts train.cache=disk; remove train.cache_latents"
             )
         config.train.cache = "memory"  # the alias resolved once, so only train.cache is ever read
+    _validate_samples(config)
     if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
         template = config.data.caption_template
         raise UserError(
             f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {template!r}"
         )
+
+
+def _validate_samples(config: Config) -> None:
+    train = config.train
+    if not train.validation_prompts:
+        return
+    if config.model.task != "lora":
+        raise UserError("config key 'train.validation_prompts': samples need a LoRA field (model.task=lora)")
+    if train.heldout == 0:
+        raise UserError("config key 'train.validation_prompts': samples are of held-out photos; set train.heldout > 0")
+    for prompt in train.validation_prompts:
+        if "{" in prompt.replace("{token}", "") or "}" in prompt.replace("{token}", ""):
+            raise UserError(f"config key 'train.validation_prompts': only {{token}} may be used, got {prompt!r}")
 
 
 def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,40 +26,11 @@ from hyperfields.image_files import a1111_parameters, contact_sheet, write_detai
 from hyperfields.lora.formats import write_lora
 from hyperfields.models import load_pipeline
 from hyperfields.predict import Photo, check_base_model, predict_lora, predicted_weights, require_task
-from hyperfields.schedulers import check_sampler, use_sampler
+from hyperfields.sampling import Sampling
+from hyperfields.schedulers import use_sampler
 from hyperfields.tasks.inr import InrTask
 
 ADAPTER_NAME = "hyperfields"
-
-
-@dataclass
-class Sampling:
-    """How the base pipeline samples: the same values and seeds give the same images."""
-
-    num_images: int = 1  # images per prompt
-    # Image i of every prompt starts from seed + i (as A1111 numbers a batch), so rows of a contact sheet differ only
-    # by prompt and any one image comes back alone from its own seed.
-    seed: int = 0
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    height: int | None = None  # image size in pixels; None = the base model's own
-    width: int | None = None
-    negative_prompt: str = ""  # what classifier-free guidance steers away from; "" = the empty prompt, as diffusers
-    scheduler: str | None = None  # a name in schedulers.SAMPLERS; None = the base model's own scheduler
-    lora_scale: float = 1.0  # the predicted LoRA's weight: 0 = the base model, 1 = as predicted
-
-    def __post_init__(self) -> None:
-        check_sampler(self.scheduler)
-        for side, pixels in (("height", self.height), ("width", self.width)):
-            if pixels is not None and pixels % 8:  # what Stable Diffusion pipelines take; they raise otherwise
-                raise UserError(f"image {side} {pixels} pixels: Stable Diffusion takes multiples of 8")
-        if not math.isfinite(self.lora_scale):
-            raise UserError(f"LoRA scale {self.lora_scale}: expected a finite number")
-
-    @property
-    def seeds(self) -> list[int]:
-        """The seed of each image of a prompt."""
-        return [self.seed + i for i in range(self.num_images)]
 
 
 @dataclass

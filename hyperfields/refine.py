@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from hyperfields.config import LoraConfig, config_from_dict
+from hyperfields.config import LoraConfig, ObjectiveConfig, config_from_dict
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
 from hyperfields.lora.formats import LoraWeights
@@ -34,8 +35,23 @@ class Refinement:
     loss_refined: float
 
 
-def _batched(lora: LoraWeights, device: torch.device) -> Weights:
-    return {name: w.unsqueeze(0).to(device) for name, w in lora.tensors.items()}
+def _batched(tensors: dict[str, torch.Tensor], device: torch.device) -> Weights:
+    return {name: w.unsqueeze(0).to(device) for name, w in tensors.items()}
+
+
+def optimised(
+    task: LoraDiffusionTask,
+    start: dict[str, torch.Tensor],
+    inputs: Any,
+    objective: ObjectiveConfig,
+    steps: int,
+    generator: torch.Generator,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The LoRA tensors `start` (by layout name, no batch dimension) after `steps` real updates of the objective's
+    rule on one subject's prepared `inputs`, on the CPU."""
+    trajectory, _ = real_trajectory(task, _batched(start, task.device), inputs, objective, generator, steps, on_step)
+    return {name: w[0].detach().cpu() for name, w in trajectory[-1].items()}
 
 
 def refine(
@@ -70,15 +86,14 @@ def refine(
             return float(task.loss(weights, inputs, eval_draws, stream(seed, "evaluation", device=device)).mean())
 
     generator = stream(seed, "refine", device=device)
-    trajectory, _ = real_trajectory(task, _batched(start, device), inputs, objective, generator, steps, on_step)
     refined = LoraWeights(
-        tensors={name: w[0].detach().cpu() for name, w in trajectory[-1].items()},
+        tensors=optimised(task, start.tensors, inputs, objective, steps, generator, on_step),
         alpha=start.alpha,
         metadata={**predicted.metadata, "hyperfields.refine_steps": str(steps)},
         sdxl_layers_per_block=start.sdxl_layers_per_block,
     )
     return Refinement(
         lora=refined,
-        loss_predicted=evaluation_loss(_batched(predicted, device)),
-        loss_refined=evaluation_loss(_batched(refined, device)),
+        loss_predicted=evaluation_loss(_batched(predicted.tensors, device)),
+        loss_refined=evaluation_loss(_batched(refined.tensors, device)),
     )

@@ -14,7 +14,18 @@ import hashlib
 import torch
 
 # What a stream is for; a new purpose gets a new name, never a number reused from another.
-PURPOSES = ("picks", "steps", "noise", "lags", "reference", "evaluation", "precompute", "refine")
+PURPOSES = (
+    "picks",
+    "steps",
+    "noise",
+    "lags",
+    "reference",
+    "evaluation",
+    "precompute",
+    "refine",
+    "optimise",
+    "dreambooth",
+)
 
 
 def stream_seed(seed: int, purpose: str, step: int = 0, process: int = 0, index: int = 0) -> int:

@@ -20,8 +20,8 @@ from tests.tiny_field import TinyField, tiny_field
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 # The commands that write somewhere, and those that read a folder of photos.
-WRITERS = ["train", "precompute", "cache build", "generate", "export", "refine", "tiny"]
-PHOTO_FOLDER_READERS = ["train", "precompute", "cache build", "export"]
+WRITERS = ["train", "precompute", "cache build", "generate", "export", "refine", "tiny", "evaluate"]
+PHOTO_FOLDER_READERS = ["train", "precompute", "cache build", "export", "evaluate"]
 FORMER_NAMES = {"--out", "--data", "-d", "--steps"}
 
 

@@ -56,7 +56,7 @@ def test_same_seed_writes_identical_weights(tiny: Path, tmp_path: Path) -> None:
 def test_rewrite_replaces_folders_and_leaves_no_staging(tiny: Path, tmp_path: Path) -> None:
     write_tiny_models(tmp_path, seed=1)
     write_tiny_models(tmp_path, seed=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder", "pipeline", "pipeline-xl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "dino", "encoder", "pipeline", "pipeline-xl"]
     key = "unet/diffusion_pytorch_model.safetensors"
     assert torch.equal(
         load_file(str(tmp_path / "pipeline" / key))["conv_in.weight"],
@@ -187,13 +187,14 @@ def test_missing_encoder_is_a_user_error_naming_it(tmp_path: Path) -> None:
 def test_tiny_resolves_to_a_cache_written_once(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYPERFIELDS_CACHE", str(tmp_path))
     pipeline = Path(resolve_model_path("tiny", "pipeline"))
-    assert pipeline == tmp_path / "tiny-v3" / "pipeline"
+    assert pipeline == tmp_path / "tiny-v4" / "pipeline"
     assert (pipeline / "model_index.json").is_file()
-    assert Path(resolve_model_path("tiny", "encoder")) == tmp_path / "tiny-v3" / "encoder"
+    for kind in ("encoder", "clip", "dino"):
+        assert Path(resolve_model_path("tiny", kind)) == tmp_path / "tiny-v4" / kind
     # Only the final folder is left: staging copies are renamed into place or removed.
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v3"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v4"]
     stamp = (pipeline / "model_index.json").stat().st_mtime_ns
-    assert tiny_models_dir() == tmp_path / "tiny-v3"
+    assert tiny_models_dir() == tmp_path / "tiny-v4"
     assert (pipeline / "model_index.json").stat().st_mtime_ns == stamp
 
 

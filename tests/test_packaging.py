@@ -1,4 +1,4 @@
-"""What a user installs: the wheel holds every module and the presets, and `--config NAME` finds a preset."""
+"""What a user installs: the wheel holds every module, the presets and prompt lists; `--config NAME` finds a preset."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hyperfields.cli.main import app
 from hyperfields.config import Config, load_config
 from hyperfields.config_values import presets
 from hyperfields.errors import UserError
+from hyperfields.evaluate.prompts import SHIPPED
 from tests.conftest import clean_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ def test_wheel_holds_every_module_the_presets_and_the_license(wheel):
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hyperfields").rglob("*.py")}
     assert not modules - names, f"modules missing from the wheel: {sorted(modules - names)}"
     assert {f"hyperfields/configs/{name}.yaml" for name in PRESETS} <= names
+    assert {f"hyperfields/evaluate/prompts/{name}.txt" for name in SHIPPED} <= names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
 
 

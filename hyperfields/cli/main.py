@@ -7,6 +7,7 @@ import typer
 from hyperfields.cli.cache import cache_app
 from hyperfields.cli.common import VersionOption
 from hyperfields.cli.config import config_command
+from hyperfields.cli.evaluate import evaluate_command
 from hyperfields.cli.export import export_command
 from hyperfields.cli.generate import generate_command
 from hyperfields.cli.inspect import inspect_command
@@ -36,6 +37,7 @@ app.command("generate")(generate_command)
 app.command("export")(export_command)
 app.command("refine")(refine_command)
 app.command("inspect")(inspect_command)
+app.command("evaluate")(evaluate_command)
 app.command("precompute")(precompute_command)
 app.command("push")(push_command)
 app.command("config")(config_command)

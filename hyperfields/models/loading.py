@@ -51,7 +51,7 @@ class ImageNorm:
     std: tuple[float, ...]
 
 
-def resolve_model_path(name: str, kind: Literal["pipeline", "encoder"]) -> str:
+def resolve_model_path(name: str, kind: Literal["pipeline", "encoder", "clip", "dino"]) -> str:
     """Where to load `name` from: the tiny cache for "tiny" / "tiny-xl", a local folder as is, else the hub id."""
     if name == TINY:
         return str(tiny_models_dir() / kind)

@@ -1,4 +1,4 @@
-"""The tiny models: seeded random Stable Diffusion, SDXL and ViT models built from fixed configs.
+"""The tiny models: seeded random Stable Diffusion, SDXL, ViT, CLIP and DINO models built from fixed configs.
 
 "tiny" (and "tiny-xl", its Stable Diffusion XL counterpart) lets the whole tool, its tests and CI run on a CPU with
 no network: the models are built from fixed configs and a fixed seed, written once into a cache folder and then
@@ -19,7 +19,7 @@ from hyperfields.files import cache_root, write_folder
 
 TINY = "tiny"
 TINY_XL = "tiny-xl"
-_TINY_VERSION = "tiny-v3"  # bump when the tiny configs change, so stale caches are not reused
+_TINY_VERSION = "tiny-v4"  # bump when the tiny configs change, so stale caches are not reused
 # Frequent English letter pairs: enough for multi-character tokens to exist, so tokenization is realistic.
 _MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("o", "g</w>")]
 
@@ -174,12 +174,8 @@ def _save_pipeline_xl(directory: Path, seed: int) -> None:
 
 
 def _save_encoder(directory: Path, seed: int) -> None:
+    """A ViT with its CLS token: the field's image encoder, and the DINO of the evaluation's image similarity."""
     from transformers import ViTConfig, ViTModel
-
-    try:  # transformers 5 needs torchvision for ViTImageProcessor and warns when falling back to this one
-        from transformers import ViTImageProcessorPil as Processor
-    except ImportError:
-        from transformers import ViTImageProcessor as Processor
 
     torch.manual_seed(seed)
     config = ViTConfig(  # 32 px in 8 px patches: 16 patch tokens plus CLS
@@ -194,22 +190,54 @@ def _save_encoder(directory: Path, seed: int) -> None:
     # Kept with its pooler: AutoModel builds ViTModel with one, and a missing one would be
     # freshly random (and warned about) on every load.
     ViTModel(config).save_pretrained(directory)
-    Processor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    processor = _image_processor("ViT")(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(directory)
+
+
+def _image_processor(family: str) -> Any:
+    import transformers
+
+    # transformers 5 needs torchvision for the default image processors and warns when falling back to these.
+    return getattr(transformers, f"{family}ImageProcessorPil", None) or getattr(transformers, f"{family}ImageProcessor")
+
+
+def _save_clip(directory: Path, seed: int) -> None:
+    """A CLIP model with its processor (image processor and tokenizer): the evaluation's CLIP-I and CLIP-T."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **layers,
+    )
+    config = CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **layers), projection_dim=16)
+    CLIPModel(config).save_pretrained(directory)
+    image_processor = _image_processor("CLIP")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    _write_bpe_files(directory, *_byte_vocab())
 
 
 def write_tiny_models(directory: Path, seed: int = 0) -> None:
-    """Writes seeded random tiny models: `directory/pipeline` (Stable Diffusion), `directory/pipeline-xl` (SDXL)
-    and `directory/encoder` (ViT)."""
+    """Writes seeded random tiny models: `directory/pipeline` (Stable Diffusion), `directory/pipeline-xl` (SDXL),
+    `directory/encoder` (ViT), and the evaluation's `directory/clip` (CLIP) and `directory/dino` (a ViT)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_folder(directory / "pipeline", lambda d: _save_pipeline(d, seed))
     write_folder(directory / "pipeline-xl", lambda d: _save_pipeline_xl(d, seed))
     write_folder(directory / "encoder", lambda d: _save_encoder(d, seed))
+    write_folder(directory / "clip", lambda d: _save_clip(d, seed))
+    write_folder(directory / "dino", lambda d: _save_encoder(d, seed + 1))
 
 
 def _tiny_complete(directory: Path) -> bool:
     pipelines = all((directory / name / "model_index.json").is_file() for name in ("pipeline", "pipeline-xl"))
-    return pipelines and (directory / "encoder" / "config.json").is_file()
+    return pipelines and all((directory / name / "config.json").is_file() for name in ("encoder", "clip", "dino"))
 
 
 def tiny_models_dir() -> Path:

@@ -20,6 +20,7 @@ from hyperfields.training.checkpoints import (
 )
 from hyperfields.training.heldout import HeldoutEvaluation
 from hyperfields.training.logs import hparams, print0, progress_bar
+from hyperfields.training.samples import samples_wanted, write_samples
 from hyperfields.training.step import train_step
 from hyperfields.trajectory import NonFiniteError
 
@@ -70,6 +71,8 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
     bars = progress_bar(accelerator)
     bar = bars.add_task("training", total=train.max_steps, completed=state.step, info="")
     evaluate = HeldoutEvaluation(run, bars)
+    if train.validation_prompts and not samples_wanted(run):
+        print0(accelerator, "[yellow]warning:[/] train.validation_prompts: no photo is held out, so no samples")
     started, started_step = time.perf_counter(), state.step
     with bars:
         while state.step < train.max_steps:
@@ -82,17 +85,20 @@ def fit(run: TrainingRun, resume_from: Path | None = None) -> TrainResult:
             state.step += 1
             rate = (state.step - started_step) / (time.perf_counter() - started)
             bars.update(bar, completed=state.step, info=f"{rate:.2f} step/s loss {logs['loss']:.4f}")
-            # Once in a while: logs, a checkpoint, a held-out score (the last step's follow the loop).
+            # Once in a while: logs, a checkpoint, a held-out score, samples (the last step's follow the loop).
             if state.step % train.log_every == 0 or state.step == train.max_steps:
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
             if train.checkpoint_every and state.step % train.checkpoint_every == 0 and state.step < train.max_steps:
                 save_checkpoint(run, state)
             if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
                 evaluate(state.step)
+            if train.validation_every and state.step % train.validation_every == 0 and state.step < train.max_steps:
+                write_samples(run, state.step)
         save_checkpoint(run, state)
         if run.ema is not None:
             run.ema.copy_to_parameters()
         recovered = evaluate(state.step)
+        write_samples(run, state.step)
     field_dir = write_field(run, state.step, recovered)
     if state.skipped_nonfinite:
         print0(accelerator, f"skipped {state.skipped_nonfinite} step(s) with non-finite values")
