@@ -7,6 +7,8 @@ from hyperfields.models.loading import (
     load_encoder,
     load_pipeline,
     load_pipeline_components,
+    load_transformer_pipeline,
+    pipeline_family,
     resolve_model_path,
 )
 
@@ -17,5 +19,7 @@ __all__ = [
     "load_encoder",
     "load_pipeline",
     "load_pipeline_components",
+    "load_transformer_pipeline",
+    "pipeline_family",
     "resolve_model_path",
 ]
