@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import torch
 from safetensors.torch import save_file
@@ -22,50 +21,13 @@ from safetensors.torch import save_file
 from hyperfields.errors import UserError
 from hyperfields.files import atomic_write
 from hyperfields.lora import LoraFormat, LoraPrecision
+from hyperfields.lora.families import BaseModelFamily
 
 FORMATS: tuple[str, ...] = get_args(LoraFormat)
 DTYPES: dict[LoraPrecision, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; tests/test_export.py checks the two agree.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-UNET_PREFIX = "unet."
 KOHYA_PREFIX = "lora_unet_"
-
-
-@dataclass(frozen=True)
-class BaseModelFamily:
-    """Which Stable Diffusion a LoRA is for, told apart the way sd-scripts' flags (--v2, --v_parameterization) do."""
-
-    sdxl: bool
-    v2: bool  # SD 2.x: its UNet reads 1024-wide text embeddings (OpenCLIP ViT-H), SD 1.x's read 768
-    v_prediction: bool  # the scheduler predicts v, not the noise (SD 2.x 768-v)
-
-    @classmethod
-    def from_configs(cls, unet_config: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> BaseModelFamily:
-        """The family of a diffusers base model, from its UNet's and its scheduler's config."""
-        sdxl = unet_config.get("addition_embed_type") == "text_time"  # SDXL's pooled-text and size conditioning
-        return cls(
-            sdxl=sdxl,
-            v2=not sdxl and unet_config.get("cross_attention_dim") == 1024,
-            v_prediction=scheduler_config.get("prediction_type") == "v_prediction",
-        )
-
-    @property
-    def base_model_version(self) -> str:
-        """sd-scripts' `ss_base_model_version`: sd_v1, sd_v2, with _v for v-prediction, or sdxl_base_v1-0."""
-        if self.sdxl:
-            return "sdxl_base_v1-0"
-        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_prediction else "")
-
-    @property
-    def architecture(self) -> str:
-        """ModelSpec's `modelspec.architecture` of a LoRA for this base model."""
-        if self.sdxl:
-            base = "stable-diffusion-xl-v1-base"
-        elif self.v2:
-            base = "stable-diffusion-v2-768-v" if self.v_prediction else "stable-diffusion-v2-512"
-        else:
-            base = "stable-diffusion-v1"
-        return f"{base}/lora"
 
 
 @dataclass(frozen=True)
@@ -80,16 +42,18 @@ class LoraOrigin:
 
 @dataclass
 class LoraWeights:
-    """One UNet LoRA: factors by target, the trained alpha (scale = alpha / rank) and provenance for the header."""
+    """One LoRA of a UNet or a transformer: factors by target, the trained alpha (scale = alpha / rank) and provenance
+    for the header."""
 
     tensors: dict[str, torch.Tensor]  # "<module>.lora_A" (r, in) and "<module>.lora_B" (out, r), no batch dimension
     alpha: float
     metadata: dict[str, str] = field(default_factory=dict)  # written into the file header as is
     sdxl_layers_per_block: int | None = None  # set for an SDXL UNet: kohya files then use the SGM names
+    component: str = "unet"  # the pipeline component the targets are modules of: "unet", or "transformer" (FLUX, SD3)
 
     @property
     def targets(self) -> list[str]:
-        """The UNet module names that carry a LoRA, in layout order."""
+        """The module names that carry a LoRA, in layout order."""
         return [name.removesuffix(".lora_A") for name in self.tensors if name.endswith(".lora_A")]
 
     @property
@@ -114,16 +78,18 @@ def diffusers_state_dict(
     lora: LoraWeights,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header of a diffusers/peft LoRA file: `unet.<module>.lora_A.weight` / `.lora_B.weight`."""
+    """The tensors and header of a diffusers/peft LoRA file: `unet.<module>.lora_A.weight` / `.lora_B.weight`
+    (`transformer.` for a FLUX or SD3 LoRA)."""
+    prefix = f"{lora.component}."
     tensors = {}
     for target in lora.targets:
-        tensors[f"{UNET_PREFIX}{target}.lora_A.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
-        tensors[f"{UNET_PREFIX}{target}.lora_B.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
+        tensors[f"{prefix}{target}.lora_A.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
+        tensors[f"{prefix}{target}.lora_B.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
     # Whole module names as target_modules: peft matches them exactly, so no other layer gets a LoRA.
     config = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.targets}
     header = {
         **lora.metadata,
-        ADAPTER_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in config.items()}, sort_keys=True),
+        ADAPTER_METADATA_KEY: json.dumps({prefix + k: v for k, v in config.items()}, sort_keys=True),
     }
     return tensors, header
 
@@ -190,6 +156,8 @@ def kohya_state_dict(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    if lora.component != "unet":
+        raise UserError(f"kohya files are written for UNet LoRAs only, not a {lora.component} LoRA; write diffusers")
     tensors = {}
     for target in lora.targets:
         name = (
@@ -219,7 +187,7 @@ IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"
 def modelspec_header(origin: LoraOrigin, title: str, implementation: str) -> dict[str, str]:
     """The ModelSpec (`modelspec.*`) keys of a LoRA file, with the values sd-scripts writes."""
     side = origin.resolution
-    return {
+    header = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": origin.family.architecture,
         "modelspec.implementation": implementation,
@@ -229,6 +197,9 @@ def modelspec_header(origin: LoraOrigin, title: str, implementation: str) -> dic
         "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "modelspec.trigger_phrase": origin.trigger_phrase,
     }
+    if origin.family.transformer.startswith("flux-1"):  # sd-scripts writes no prediction type for FLUX
+        del header["modelspec.prediction_type"]
+    return header
 
 
 def kohya_training_header(origin: LoraOrigin, output_name: str) -> dict[str, str]:
