@@ -1,0 +1,119 @@
+"""`train` and `export` on the tiny FLUX.1 and SD3.5 bases: the diffusers file loads into the family's pipeline with
+every key, and its fused weights are the field's prediction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from hyperfields.cli.main import app
+from hyperfields.field.io import load_field
+from hyperfields.models import resolve_model_path
+from hyperfields.predict import predict_lora, read_photo
+from tests.conftest import clean_exit
+from tests.tiny_field import OVERRIDES, ROOT
+
+runner = CliRunner()
+ARCHITECTURES = {"tiny-flux": "flux-1-dev/lora", "tiny-sd3": "stable-diffusion-3-5-medium/lora"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((48, 56, 3)) * 255).astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def trained(request, photos, tmp_path_factory) -> tuple[str, Path]:
+    """(base model, field folder) of a field trained for two steps on the tiny base."""
+    output = tmp_path_factory.mktemp(request.param) / "run"
+    overrides = [*OVERRIDES[:-1], "2", "--set", "train.heldout=1", "--set", "train.eval_draws=2"]
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--images",
+            str(photos),
+            "--output",
+            str(output),
+            "--set",
+            f"model.base_model={request.param}",
+            *overrides,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "recovered fraction R" in result.output
+    return request.param, output / "field"
+
+
+def export(field: Path, photo: Path, out: Path, *extra: str):
+    return runner.invoke(
+        app, ["export", "--field", str(field), "--image", str(photo), "--output", str(out), "--device", "cpu", *extra]
+    )
+
+
+def linear_weights(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: module.weight.detach().clone()
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def test_the_record_names_the_transformer_and_its_family(trained):
+    base_model, field = trained
+    record = json.loads((field / "config.json").read_text())
+    assert record["base_model"] == base_model and record["component"] == "transformer"
+    assert f"{record['base_family']['transformer']}/lora" == ARCHITECTURES[base_model]
+    assert all(".attn." in target for target in record["targets"])
+
+
+def test_diffusers_file_loads_into_the_pipeline_and_fuses_to_the_prediction(trained, photos, tmp_path, one_thread):
+    from diffusers import DiffusionPipeline
+
+    base_model, field = trained
+    out = tmp_path / "lora.safetensors"
+    result = export(field, photos / "p0.png", out, "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), "pt") as file:
+        keys, header = list(file.keys()), file.metadata()
+    assert keys and all(key.startswith("transformer.") for key in keys)
+    assert header["modelspec.architecture"] == ARCHITECTURES[base_model]
+
+    loaded, record = load_field(field)
+    lora = predict_lora(loaded, record, read_photo(photos / "p0.png", record.resolution), float(record.steps))
+    pipeline = DiffusionPipeline.from_pretrained(resolve_model_path(base_model, "pipeline"))
+    base = linear_weights(pipeline.transformer)
+    pipeline.load_lora_weights(str(out))
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+    fused = linear_weights(pipeline.transformer)
+    assert fused.keys() == base.keys()
+    for name in base:
+        delta = fused[name] - base[name]
+        if name in lora.targets:
+            expected = lora.delta(name)  # alpha / r * B @ A, with the trained alpha (8 at rank 4)
+            assert expected.norm() > 0, name
+            assert (delta - expected).norm() <= 1e-4 * expected.norm(), name
+        else:
+            assert not delta.any(), name
+
+
+def test_kohya_is_a_one_line_error_for_a_transformer_lora(trained, photos, tmp_path):
+    _, field = trained
+    result = export(field, photos / "p0.png", tmp_path / "k.safetensors", "--format", "kohya")
+    assert result.exit_code == 2 and clean_exit(result)
+    assert "kohya files are written for UNet LoRAs only" in result.output
+    assert not (tmp_path / "k.safetensors").exists()
