@@ -98,8 +98,22 @@ def predict_lora(field: HyperField, record: FieldRecord, photo: Photo, t: float)
     )
 
 
+def lora_component(pipeline: Any, record: FieldRecord, base_model: str) -> torch.nn.Module:
+    """The component of `pipeline` a LoRA field's targets are modules of: its UNet, or the transformer of a FLUX.1 or
+    SD 3.x pipeline; a one-line UserError when the pipeline has none."""
+    component = str(record.task_settings.get("component", "unet"))
+    module = getattr(pipeline, component, None)
+    if not isinstance(module, torch.nn.Module):
+        raise UserError(
+            f"the field was trained for base model '{record.task_settings['base_model']}', a LoRA of its {component}, "
+            f"and does not fit base model '{base_model}': it has no {component}"
+        )
+    return module
+
+
 def check_base_model(field: HyperField, record: FieldRecord, unet: torch.nn.Module, base_model: str) -> None:
-    """Nothing when `unet` has every LoRA target of the field with the same shapes; else a one-line UserError."""
+    """Nothing when `unet` (or transformer) has every LoRA target of the field with the same shapes; else a one-line
+    UserError."""
     problem = layout_mismatch(field.shapes, unet)
     if problem is not None:
         raise UserError(

@@ -117,3 +117,58 @@ def test_kohya_is_a_one_line_error_for_a_transformer_lora(trained, photos, tmp_p
     assert result.exit_code == 2 and clean_exit(result)
     assert "kohya files are written for UNet LoRAs only" in result.output
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_generate_draws_what_the_exported_file_draws_in_the_familys_pipeline(trained, photos, tmp_path, one_thread):
+    from diffusers import DiffusionPipeline
+
+    base_model, field = trained
+    # A field two steps into training predicts a small LoRA: at weight 8 it visibly changes the image.
+    sampling = [*("--num-inference-steps", "3", "--seed", "7", "--guidance-scale", "3.5", "--lora-scale", "8")]
+    sampling += ["--height", "64", "--width", "64"]
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            *("--field", str(field), "--image", str(photos / "p0.png"), "--prompt", "a photo of sks"),
+            *sampling,
+            *("--out", str(tmp_path / "images"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    generated = np.asarray(Image.open(tmp_path / "images" / "prompt00_image00.png").convert("RGB"), np.float32) / 255
+    assert export(field, photos / "p0.png", tmp_path / "lora.safetensors").exit_code == 0
+
+    def reference(lora_file: Path | None) -> np.ndarray:
+        """What a user's own fresh pipeline draws with the same settings, `lora_file` loaded (None: the base)."""
+        pipeline = DiffusionPipeline.from_pretrained(resolve_model_path(base_model, "pipeline"))
+        pipeline.set_progress_bar_config(disable=True)
+        if lora_file is not None:
+            pipeline.load_lora_weights(str(lora_file), adapter_name="subject")
+            pipeline.set_adapters(["subject"], adapter_weights=[8.0])
+        return pipeline(
+            "a photo of sks",
+            num_inference_steps=3,
+            guidance_scale=3.5,
+            height=64,
+            width=64,
+            generator=[torch.Generator().manual_seed(7)],
+            output_type="np",
+        ).images[0]
+
+    assert np.abs(reference(tmp_path / "lora.safetensors") - generated).max() <= 1 / 255
+    assert np.abs(reference(None) - generated).max() > 2 / 255, "the LoRA must change the image"
+
+
+def test_a_unet_sampler_is_a_one_line_error_on_a_transformer_base(trained, photos, tmp_path):
+    _, field = trained
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            *("--field", str(field), "--image", str(photos / "p0.png"), "--prompt", "a photo of sks"),
+            *("--scheduler", "ddim", "--out", str(tmp_path / "images"), "--device", "cpu"),
+        ],
+    )
+    assert result.exit_code == 2 and clean_exit(result)
+    assert "scheduler 'ddim' is for UNet bases" in result.output
