@@ -181,7 +181,7 @@ def generate(
     # Half precision on a GPU: bf16 for FLUX.1 and SD 3.x, whose activations overflow fp16.
     half = torch.bfloat16 if transformer else torch.float16
     pipeline = load_pipeline(base_model, half if device.type == "cuda" else torch.float32)
-    check_base_model(field, record, lora_component(pipeline, record, base_model), base_model)
+    check_base_model(field, record, getattr(pipeline, lora_component(record, base_model)), base_model)
     lora_file = cached_lora_file(field, record, photo, t, cache_dir)
     load_lora(pipeline, lora_file, sampling.lora_scale)
     sampler = use_sampler(pipeline, sampling.scheduler)

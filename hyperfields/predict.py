@@ -98,17 +98,17 @@ def predict_lora(field: HyperField, record: FieldRecord, photo: Photo, t: float)
     )
 
 
-def lora_component(pipeline: Any, record: FieldRecord, base_model: str) -> torch.nn.Module:
-    """The component of `pipeline` a LoRA field's targets are modules of: its UNet, or the transformer of a FLUX.1 or
-    SD 3.x pipeline; a one-line UserError when the pipeline has none."""
+def lora_component(record: FieldRecord, base_model: str) -> str:
+    """The pipeline component a LoRA field's targets are modules of ("unet", or "transformer" for FLUX.1 and SD 3.x),
+    when `base_model` has it; else a one-line UserError."""
     component = str(record.task_settings.get("component", "unet"))
-    module = getattr(pipeline, component, None)
-    if not isinstance(module, torch.nn.Module):
+    has = "unet" if pipeline_family(base_model) == "unet" else "transformer"
+    if has != component:
         raise UserError(
             f"the field was trained for base model '{record.task_settings['base_model']}', a LoRA of its {component}, "
             f"and does not fit base model '{base_model}': it has no {component}"
         )
-    return module
+    return component
 
 
 def check_base_model(field: HyperField, record: FieldRecord, unet: torch.nn.Module, base_model: str) -> None:

@@ -172,3 +172,37 @@ def test_a_unet_sampler_is_a_one_line_error_on_a_transformer_base(trained, photo
     )
     assert result.exit_code == 2 and clean_exit(result)
     assert "scheduler 'ddim' is for UNet bases" in result.output
+
+
+def test_refine_and_inspect_run_on_the_transformer(trained, photos, tmp_path):
+    base_model, field = trained
+    out = tmp_path / "refined.safetensors"
+    result = runner.invoke(
+        app,
+        [
+            "refine",
+            *("--field", str(field), "--image", str(photos / "p0.png"), "--steps", "2", "--output", str(out)),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "-> refined" in result.output
+    with safe_open(str(out), "pt") as file:
+        assert all(key.startswith("transformer.") for key in file.keys())
+    result = runner.invoke(app, ["inspect", "--field", str(field), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "attn.to_q" in result.output
+
+
+def test_a_transformer_field_on_a_unet_base_is_a_one_line_error(trained, photos, tmp_path):
+    base_model, field = trained
+    photo = str(photos / "p0.png")
+    for command in (
+        ["refine", "--steps", "1", "--output", str(tmp_path / "r.safetensors"), "--image", photo],
+        ["inspect"],
+        ["generate", "--prompt", "sks", "--out", str(tmp_path / "images"), "--image", photo],
+    ):
+        result = runner.invoke(app, [*command, "--field", str(field), "--base-model", "tiny", "--device", "cpu"])
+        assert result.exit_code == 2 and clean_exit(result), command
+        assert f"trained for base model '{base_model}', a LoRA of its transformer, and does not fit" in result.output

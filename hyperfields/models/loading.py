@@ -116,6 +116,24 @@ def load_transformer_pipeline(base_model: str, dtype: torch.dtype = torch.float3
     return pipeline
 
 
+def load_denoiser(base_model: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """`base_model`'s UNet, or its transformer for FLUX.1 and SD 3.x, alone: frozen and in eval mode."""
+    import diffusers
+
+    family = pipeline_family(base_model)
+    component, kind = {
+        "unet": ("unet", "UNet2DConditionModel"),
+        "flux": ("transformer", "FluxTransformer2DModel"),
+        "sd3": ("transformer", "SD3Transformer2DModel"),
+    }[family]
+    path = resolve_model_path(base_model, "pipeline")
+    try:
+        model = getattr(diffusers, kind).from_pretrained(path, subfolder=component, torch_dtype=dtype)
+    except Exception as exc:
+        raise _pipeline_error(base_model, path, exc) from exc
+    return model.requires_grad_(False).eval()
+
+
 def load_pipeline_components(base_model: str, dtype: torch.dtype = torch.float32) -> PipelineParts:
     """Returns the frozen, eval-mode unet, vae, text encoder(s), tokenizer(s) and DDPM noise scheduler of `base_model`.
 

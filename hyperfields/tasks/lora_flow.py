@@ -97,6 +97,11 @@ class LoraFlowTask:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model the LoRA targets are modules of: the transformer."""
+        return self.transformer
+
     def base_family(self) -> BaseModelFamily:
         """Which FLUX.1 or SD 3.x the base model is, to label LoRA files."""
         return BaseModelFamily.from_transformer(self.family, self.transformer.config)
