@@ -111,12 +111,38 @@ def test_diffusers_file_loads_into_the_pipeline_and_fuses_to_the_prediction(trai
             assert not delta.any(), name
 
 
-def test_kohya_is_a_one_line_error_for_a_transformer_lora(trained, photos, tmp_path):
-    _, field = trained
-    result = export(field, photos / "p0.png", tmp_path / "k.safetensors", "--format", "kohya")
-    assert result.exit_code == 2 and clean_exit(result)
-    assert "kohya files are written for UNet LoRAs only" in result.output
-    assert not (tmp_path / "k.safetensors").exists()
+def test_kohya_is_the_original_flux_layout_and_a_one_line_error_for_sd3(trained, photos, tmp_path):
+    from safetensors.torch import load_file
+
+    from hyperfields.lora.flux_layout import original_name
+
+    base_model, field = trained
+    out = tmp_path / "k.safetensors"
+    result = export(field, photos / "p0.png", out, "--format", "kohya", "--precision", "fp32")
+    if base_model == "tiny-sd3":
+        assert result.exit_code == 2 and clean_exit(result)
+        assert "kohya files are written for UNet and FLUX.1 LoRAs" in result.output
+        assert not out.exists()
+        return
+    assert result.exit_code == 0, result.output
+    tensors = load_file(str(out))
+    loaded, record = load_field(field)
+    lora = predict_lora(loaded, record, read_photo(photos / "p0.png", record.resolution), float(record.steps))
+    # Each fused layer's update, row block by row block, is the update of the diffusers module it holds.
+    for target in lora.targets:
+        layer, part = original_name(target)
+        name = "lora_unet_" + layer.replace(".", "_")
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        update = float(tensors[f"{name}.alpha"]) / down.shape[0] * up @ down
+        width = lora.delta(target).shape[0]
+        rows = update if part is None else update[part * width : (part + 1) * width]
+        assert (rows - lora.delta(target)).norm() <= 1e-5 * lora.delta(target).norm(), target
+    single = tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert not single[3 * 16 :].any()  # the MLP input rows of linear1 (4 x 16) get no update
+    with safe_open(str(out), "pt") as file:
+        header = file.metadata()
+    assert header["ss_base_model_version"] == "flux1" and header["ss_network_module"] == "networks.lora_flux"
+    assert header["modelspec.architecture"] == "flux-1-dev/lora"
 
 
 def test_generate_draws_what_the_exported_file_draws_in_the_familys_pipeline(trained, photos, tmp_path, one_thread):

@@ -1,4 +1,4 @@
-"""LoRA files other tools load: diffusers/peft (`pipe.load_lora_weights`) and kohya (A1111, ComfyUI, sd-scripts).
+"""LoRA files other tools load: diffusers/peft (`pipe.load_lora_weights`) and kohya (A1111, ComfyUI, Forge, sd-scripts).
 
 Both carry the trained alpha. diffusers reads it from the LoraConfig stored as JSON in the safetensors
 header (without it the loader assumes alpha = r); kohya files store it per module as a `.alpha` tensor.
@@ -22,6 +22,7 @@ from hyperfields.errors import UserError
 from hyperfields.files import atomic_write
 from hyperfields.lora import LoraFormat, LoraPrecision
 from hyperfields.lora.families import BaseModelFamily
+from hyperfields.lora.flux_layout import flux_kohya_modules
 
 FORMATS: tuple[str, ...] = get_args(LoraFormat)
 DTYPES: dict[LoraPrecision, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -151,28 +152,42 @@ def kohya_name_sdxl(target: str, layers_per_block: int = 2) -> str:
     return KOHYA_PREFIX + sgm_unet_name(target, layers_per_block).replace(".", "_")
 
 
-def kohya_state_dict(
-    lora: LoraWeights,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+def kohya_modules(lora: LoraWeights, flux: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{kohya module name: (lora_down, lora_up, alpha)} of `lora`: the diffusers UNet's or SDXL's SGM names, or for a
+    FLUX.1 LoRA (`flux`) the original model's fused layers."""
     if lora.component != "unet":
-        raise UserError(f"kohya files are written for UNet LoRAs only, not a {lora.component} LoRA; write diffusers")
-    tensors = {}
+        if not flux:
+            raise UserError(
+                f"kohya files are written for UNet and FLUX.1 LoRAs, not this {lora.component} LoRA; write diffusers"
+            )
+        return flux_kohya_modules(lora.tensors, lora.targets, lora.alpha)
+    modules = {}
     for target in lora.targets:
         name = (
             kohya_name(target)
             if lora.sdxl_layers_per_block is None
             else kohya_name_sdxl(target, lora.sdxl_layers_per_block)
         )
-        tensors[f"{name}.lora_down.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
-        tensors[f"{name}.lora_up.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
+        modules[name] = (lora.tensors[f"{target}.lora_A"], lora.tensors[f"{target}.lora_B"], float(lora.alpha))
+    return modules
+
+
+def kohya_state_dict(
+    lora: LoraWeights,
+    dtype: torch.dtype = torch.float32,
+    flux: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    tensors = {}
+    for name, (down, up, alpha) in kohya_modules(lora, flux).items():
+        tensors[f"{name}.lora_down.weight"] = _stored(down, dtype)
+        tensors[f"{name}.lora_up.weight"] = _stored(up, dtype)
         # A scalar kept in float32 whatever the precision, so the scale stays exact; loaders read it with .item().
-        tensors[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
     # sd-scripts writes every value with str(): alpha as a float ("8.0"), dim as an int.
     header = {
         **lora.metadata,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora_flux" if flux else "networks.lora",
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),
     }
@@ -182,6 +197,7 @@ def kohya_state_dict(
 # ModelSpec's implementation: whose module names the file's keys are. sd-scripts names SDXL modules by the SGM UNet.
 IMPLEMENTATION_DIFFUSERS = "diffusers"
 IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"
+IMPLEMENTATION_FLUX = "https://github.com/black-forest-labs/flux"
 
 
 def modelspec_header(origin: LoraOrigin, title: str, implementation: str) -> dict[str, str]:
@@ -238,9 +254,11 @@ def write_lora(
         if origin is not None:
             header.update(modelspec_header(origin, path.stem, IMPLEMENTATION_DIFFUSERS))
     elif format == "kohya":
-        tensors, header = kohya_state_dict(lora, DTYPES[precision])
+        flux = origin is not None and origin.family.transformer.startswith("flux-1")
+        tensors, header = kohya_state_dict(lora, DTYPES[precision], flux)
         if origin is not None:
             implementation = IMPLEMENTATION_DIFFUSERS if lora.sdxl_layers_per_block is None else IMPLEMENTATION_SGM
+            implementation = IMPLEMENTATION_FLUX if flux else implementation
             header.update(kohya_training_header(origin, path.stem))
             header.update(modelspec_header(origin, path.stem, implementation))
     else:
