@@ -21,7 +21,7 @@ from hyperfields.lora.rank import with_rank
 from hyperfields.predict import Photo, check_base_model, lora_component, predict_lora, require_task
 from hyperfields.streams import stream
 from hyperfields.tasks import build_lora_task
-from hyperfields.tasks.base import Weights
+from hyperfields.tasks.base import Task, Weights
 from hyperfields.trajectory import real_trajectory
 
 
@@ -39,7 +39,7 @@ def _batched(tensors: dict[str, torch.Tensor], device: torch.device) -> Weights:
 
 
 def optimised(
-    task: LoraDiffusionTask,
+    task: Task,
     start: dict[str, torch.Tensor],
     inputs: Any,
     objective: ObjectiveConfig,

@@ -232,3 +232,28 @@ def test_a_transformer_field_on_a_unet_base_is_a_one_line_error(trained, photos,
         result = runner.invoke(app, [*command, "--field", str(field), "--base-model", "tiny", "--device", "cpu"])
         assert result.exit_code == 2 and clean_exit(result), command
         assert f"trained for base model '{base_model}', a LoRA of its transformer, and does not fit" in result.output
+
+
+def test_training_samples_on_flux_and_evaluate_refusing_transformer_fields(photos, tmp_path):
+    output = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            *("--config", str(ROOT / "configs" / "tiny.yaml"), "--images", str(photos), "--output", str(output)),
+            *("--set", "model.base_model=tiny-flux", *OVERRIDES[:-1], "1", "--set", "train.heldout=1"),
+            *("--set", "train.validation_prompts=['a photo of {token}']", "--set", "train.validation_images=1"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (grid,) = (output / "samples" / "step-1").glob("*.png")
+    assert Image.open(grid).width > 0
+    result = runner.invoke(
+        app,
+        [
+            *("evaluate", "--field", str(output / "field"), "--images", str(photos), "--output", str(tmp_path / "e")),
+            *("--dino-model", "tiny", "--clip-model", "tiny", "--face-model", "tiny"),
+        ],
+    )
+    assert result.exit_code == 2 and clean_exit(result)
+    assert "evaluate scores fields of UNet bases" in result.output
