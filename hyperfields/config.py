@@ -17,9 +17,9 @@ from hyperfields.lora import DEFAULT_TARGETS
 
 @dataclass
 class ModelConfig:
-    # What the field predicts: "lora" = a LoRA of a Stable Diffusion UNet; "inr" = a coordinate MLP fitting the image.
+    # What the field predicts: "lora" = a LoRA of the base model's UNet or transformer; "inr" = a coordinate MLP.
     task: Literal["lora", "inr"] = "lora"
-    base_model: str = "tiny"  # diffusers SD folder or hub id; "tiny" = built-in test models
+    base_model: str = "tiny"  # diffusers SD, SDXL, FLUX.1 or SD 3.x folder or hub id; "tiny*" = built-in test models
     encoder: str = "tiny"  # transformers vision model folder or hub id (ViT, CLIP-vision, DINOv2)
     train_encoder: bool = False  # fine-tune the image encoder together with the field
     resolution: int = 64  # training image size in pixels (square, centre-cropped)

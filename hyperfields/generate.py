@@ -25,7 +25,14 @@ from hyperfields.files import cache_root
 from hyperfields.image_files import a1111_parameters, contact_sheet, write_details, write_png
 from hyperfields.lora.formats import write_lora
 from hyperfields.models import load_pipeline
-from hyperfields.predict import Photo, check_base_model, predict_lora, predicted_weights, require_task
+from hyperfields.predict import (
+    Photo,
+    check_base_model,
+    lora_component,
+    predict_lora,
+    predicted_weights,
+    require_task,
+)
 from hyperfields.sampling import Sampling
 from hyperfields.schedulers import use_sampler
 from hyperfields.tasks.inr import InrTask
@@ -165,8 +172,16 @@ def generate(
 ) -> tuple[list[list[GeneratedImage]], dict[str, Any]]:
     """Images of the base model personalised by Psi(photo, t), a row per prompt, and a record of how they were made."""
     require_task(record, "lora", "generating with a base model")
-    pipeline = load_pipeline(base_model, torch.float16 if device.type == "cuda" else torch.float32)
-    check_base_model(field, record, pipeline.unet, base_model)
+    transformer = record.task_settings.get("component") == "transformer"
+    if transformer and sampling.scheduler is not None:
+        raise UserError(
+            f"scheduler '{sampling.scheduler}' is for UNet bases; FLUX.1 and SD 3.x sample with their own "
+            "flow-matching scheduler"
+        )
+    # Half precision on a GPU: bf16 for FLUX.1 and SD 3.x, whose activations overflow fp16.
+    half = torch.bfloat16 if transformer else torch.float16
+    pipeline = load_pipeline(base_model, half if device.type == "cuda" else torch.float32)
+    check_base_model(field, record, getattr(pipeline, lora_component(record, base_model)), base_model)
     lora_file = cached_lora_file(field, record, photo, t, cache_dir)
     load_lora(pipeline, lora_file, sampling.lora_scale)
     sampler = use_sampler(pipeline, sampling.scheduler)

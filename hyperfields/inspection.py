@@ -70,16 +70,16 @@ def inspect_tensors(field: HyperField, pixels: torch.Tensor) -> list[TensorRepor
 
 
 def inspect_lora_field(
-    field: HyperField, record: FieldRecord, unet: torch.nn.Module, pixels: torch.Tensor
+    field: HyperField, record: FieldRecord, denoiser: torch.nn.Module, pixels: torch.Tensor
 ) -> list[TargetReport]:
-    """One report per LoRA target for the condition image `pixels` (3, H, W) in [-1, 1], against `unet`'s weights."""
+    """One report per LoRA target for the condition image `pixels` (3, H, W) in [-1, 1], against the base weights."""
     steps = inspection_steps(field.steps)
     loras = [LoraWeights(out, alpha=float(record.task_settings["alpha"])) for out in _outputs(field, pixels)]
     theta0, hyperfan = field.theta0(), field.init_std()
     reports = []
     for target in loras[-1].targets:
         key_a, key_b = f"{target}.lora_A", f"{target}.lora_B"
-        base = unet.get_submodule(target).weight.detach().float().cpu()
+        base = denoiser.get_submodule(target).weight.detach().float().cpu()
         reports.append(
             TargetReport(
                 target=target,

@@ -14,9 +14,10 @@ from hyperfields.dataset import load_image
 from hyperfields.errors import UserError, error_line
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
-from hyperfields.lora.formats import BaseModelFamily, LoraOrigin, LoraWeights
+from hyperfields.lora.families import BaseModelFamily
+from hyperfields.lora.formats import LoraOrigin, LoraWeights
 from hyperfields.lora.targets import layout_mismatch
-from hyperfields.models import resolve_model_path
+from hyperfields.models import pipeline_family, resolve_model_path
 
 
 @dataclass
@@ -93,11 +94,26 @@ def predict_lora(field: HyperField, record: FieldRecord, photo: Photo, t: float)
         alpha=float(settings["alpha"]),
         metadata=prediction_metadata(record, t, photo),
         sdxl_layers_per_block=settings.get("sdxl_layers_per_block"),
+        component=str(settings.get("component", "unet")),
     )
 
 
+def lora_component(record: FieldRecord, base_model: str) -> str:
+    """The pipeline component a LoRA field's targets are modules of ("unet", or "transformer" for FLUX.1 and SD 3.x),
+    when `base_model` has it; else a one-line UserError."""
+    component = str(record.task_settings.get("component", "unet"))
+    has = "unet" if pipeline_family(base_model) == "unet" else "transformer"
+    if has != component:
+        raise UserError(
+            f"the field was trained for base model '{record.task_settings['base_model']}', a LoRA of its {component}, "
+            f"and does not fit base model '{base_model}': it has no {component}"
+        )
+    return component
+
+
 def check_base_model(field: HyperField, record: FieldRecord, unet: torch.nn.Module, base_model: str) -> None:
-    """Nothing when `unet` has every LoRA target of the field with the same shapes; else a one-line UserError."""
+    """Nothing when `unet` (or transformer) has every LoRA target of the field with the same shapes; else a one-line
+    UserError."""
     problem = layout_mismatch(field.shapes, unet)
     if problem is not None:
         raise UserError(
@@ -110,17 +126,23 @@ def base_model_family(settings: dict[str, Any]) -> BaseModelFamily:
     """The family of the base model a LoRA field was trained for: from its record, else from the base's configs."""
     if isinstance(settings.get("base_family"), dict):
         return BaseModelFamily(**settings["base_family"])
-    # Fields written before the record named the family: read the two configs the trainer read it from.
+    # Fields written before the record named the family, or another base: read the configs the trainer read it from.
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     base_model = str(settings["base_model"])
     path = resolve_model_path(base_model, "pipeline")
     try:
+        family = pipeline_family(base_model)
+        if family != "unet":
+            from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+            transformer = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+            return BaseModelFamily.from_transformer(family, transformer.load_config(path, subfolder="transformer"))
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
         scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
     except Exception as error:  # missing folder, offline hub id, broken JSON: all mean the configs cannot be read
         raise UserError(
-            f"the field's record does not say which Stable Diffusion it is for, and base model "
+            f"the field's record does not say which base model family it is for, and base model "
             f"'{base_model}' cannot be read to tell ({error_line(error)}); make it reachable again"
         ) from None
     return BaseModelFamily.from_configs(unet_config, scheduler_config)

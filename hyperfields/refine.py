@@ -18,11 +18,10 @@ from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
-from hyperfields.models import load_pipeline_components
-from hyperfields.predict import Photo, check_base_model, predict_lora, require_task
+from hyperfields.predict import Photo, check_base_model, lora_component, predict_lora, require_task
 from hyperfields.streams import stream
-from hyperfields.tasks.base import Weights
-from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from hyperfields.tasks import build_lora_task
+from hyperfields.tasks.base import Task, Weights
 from hyperfields.trajectory import real_trajectory
 
 
@@ -40,7 +39,7 @@ def _batched(tensors: dict[str, torch.Tensor], device: torch.device) -> Weights:
 
 
 def optimised(
-    task: LoraDiffusionTask,
+    task: Task,
     start: dict[str, torch.Tensor],
     inputs: Any,
     objective: ObjectiveConfig,
@@ -70,14 +69,12 @@ def refine(
     require_task(record, "lora", "refining a LoRA")
     objective = config_from_dict(record.config, where="the field's config.json").objective
     device = next(field.parameters()).device
-    parts = load_pipeline_components(base_model)
-    parts.to(device)
-    check_base_model(field, record, parts.unet, base_model)
-
+    lora_component(record, base_model)
     predicted = predict_lora(field, record, photo, float(field.steps))
     start = predicted if rank is None or rank == predicted.rank else with_rank(predicted, rank)
     # with_rank keeps the scale, so one task (one scale) scores the prediction and the refined LoRA alike.
-    task = LoraDiffusionTask(parts, LoraConfig(targets=start.targets, rank=start.rank, alpha=start.alpha))
+    task = build_lora_task(base_model, LoraConfig(targets=start.targets, rank=start.rank, alpha=start.alpha), device)
+    check_base_model(field, record, task.denoiser, base_model)
     caption = caption if caption is not None else record.caption_template.format(token=record.token)
     inputs = task.prepare(photo.pixels.unsqueeze(0).to(device), [caption])
 
@@ -91,6 +88,7 @@ def refine(
         alpha=start.alpha,
         metadata={**predicted.metadata, "hyperfields.refine_steps": str(steps)},
         sdxl_layers_per_block=start.sdxl_layers_per_block,
+        component=start.component,
     )
     return Refinement(
         lora=refined,

@@ -71,6 +71,18 @@ def pipeline_from_parts(parts: PipelineParts, scheduler: str | None = None) -> A
     return pipeline
 
 
+def task_pipeline(task: Any, scheduler: str | None = None) -> Any:
+    """A text-to-image pipeline on a LoRA task's own frozen models: `pipeline_from_parts` for a UNet base; a FLUX.1 or
+    SD 3.x base's own pipeline, which samples with its own flow-matching scheduler (`scheduler` must be None)."""
+    from hyperfields.tasks.lora_flow import LoraFlowTask
+
+    if not isinstance(task, LoraFlowTask):
+        return pipeline_from_parts(task.parts, scheduler)
+    if scheduler is not None:
+        raise UserError(f"scheduler '{scheduler}' is for UNet bases; FLUX.1 and SD 3.x sample with their own")
+    return task.pipeline
+
+
 @torch.no_grad()
 def sample_with_lora(
     pipeline: Any,
@@ -82,7 +94,7 @@ def sample_with_lora(
     """`sampling.num_images` images per prompt (a row per prompt) of the base model with the LoRA `weights`
     (unbatched tensors by layout name; None = the base model) at `sampling.lora_scale`; image i of every prompt from
     seed `sampling.seed + i`, with the scheduler the pipeline was built with."""
-    device = pipeline.unet.device
+    device = pipeline.device
     if weights is not None:
         # B scaled: the LoRA's update scale * B A grows linearly with it, as diffusers' adapter weight does.
         scaled = {name: w * sampling.lora_scale if name.endswith(".lora_B") else w for name, w in weights.items()}

@@ -106,6 +106,8 @@ def test_tiny_takes_output_and_still_its_positional_folder(tmp_path: Path) -> No
     result = runner.invoke(app, ["tiny", "--output", str(tmp_path / "new")])
     assert result.exit_code == 0, result.output
     assert notes(result) == [] and (tmp_path / "new" / "pipeline" / "model_index.json").is_file()
+    for folder in ("pipeline-xl", "pipeline-flux", "pipeline-sd3"):
+        assert (tmp_path / "new" / folder / "model_index.json").is_file(), folder
     result = runner.invoke(app, ["tiny", str(tmp_path / "old")])
     assert result.exit_code == 0, result.output
     assert notes(result) == ["note: DIR is deprecated; use --output"]

@@ -171,7 +171,7 @@ def test_the_diffusers_file_carries_the_same_modelspec_keys(sd1, tmp_path):
 
 def test_an_sd2_768_v_field_gives_files_a1111_files_under_sd2_with_v_prediction(sd2, tmp_path):
     record = json.loads((sd2.field / "config.json").read_text())
-    assert record["base_family"] == {"sdxl": False, "v2": True, "v_prediction": True}
+    assert record["base_family"] == {"sdxl": False, "v2": True, "v_prediction": True, "transformer": ""}
     assert export(sd2.field, sd2.photo, tmp_path / "k.safetensors", "--format", "kohya").exit_code == 0
     header = read_header(tmp_path / "k.safetensors")
     assert a1111_sd_version(header) == "SD2"

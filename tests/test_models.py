@@ -56,7 +56,15 @@ def test_same_seed_writes_identical_weights(tiny: Path, tmp_path: Path) -> None:
 def test_rewrite_replaces_folders_and_leaves_no_staging(tiny: Path, tmp_path: Path) -> None:
     write_tiny_models(tmp_path, seed=1)
     write_tiny_models(tmp_path, seed=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "dino", "encoder", "pipeline", "pipeline-xl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "clip",
+        "dino",
+        "encoder",
+        "pipeline",
+        "pipeline-flux",
+        "pipeline-sd3",
+        "pipeline-xl",
+    ]
     key = "unet/diffusion_pytorch_model.safetensors"
     assert torch.equal(
         load_file(str(tmp_path / "pipeline" / key))["conv_in.weight"],
@@ -75,7 +83,7 @@ def test_failed_write_leaves_no_half_written_folder(tmp_path: Path, monkeypatch:
     with pytest.raises(KeyboardInterrupt):
         write_tiny_models(tmp_path)
     # The finished part is in place; the interrupted one is absent, not partial.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "pipeline-xl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "pipeline-flux", "pipeline-sd3", "pipeline-xl"]
 
 
 def test_pipeline_generates_a_finite_64px_image(tiny: Path) -> None:
@@ -187,14 +195,14 @@ def test_missing_encoder_is_a_user_error_naming_it(tmp_path: Path) -> None:
 def test_tiny_resolves_to_a_cache_written_once(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYPERFIELDS_CACHE", str(tmp_path))
     pipeline = Path(resolve_model_path("tiny", "pipeline"))
-    assert pipeline == tmp_path / "tiny-v4" / "pipeline"
+    assert pipeline == tmp_path / "tiny-v5" / "pipeline"
     assert (pipeline / "model_index.json").is_file()
     for kind in ("encoder", "clip", "dino"):
-        assert Path(resolve_model_path("tiny", kind)) == tmp_path / "tiny-v4" / kind
+        assert Path(resolve_model_path("tiny", kind)) == tmp_path / "tiny-v5" / kind
     # Only the final folder is left: staging copies are renamed into place or removed.
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v4"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v5"]
     stamp = (pipeline / "model_index.json").stat().st_mtime_ns
-    assert tiny_models_dir() == tmp_path / "tiny-v4"
+    assert tiny_models_dir() == tmp_path / "tiny-v5"
     assert (pipeline / "model_index.json").stat().st_mtime_ns == stamp
 
 

@@ -20,7 +20,7 @@ from hyperfields.evaluate.prompts import SHIPPED
 from tests.conftest import clean_exit
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ["inr", "sd15", "sdxl", "tiny"]
+PRESETS = ["flux-dev", "inr", "sd15", "sd35-medium", "sdxl", "tiny"]
 
 
 @pytest.fixture(scope="module")

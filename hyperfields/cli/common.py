@@ -34,7 +34,13 @@ SetOption = Annotated[
 ]
 BaseModelOption = Annotated[
     str | None,
-    typer.Option("--base-model", help="diffusers Stable Diffusion folder or hub id; 'tiny' = built-in test model."),
+    typer.Option(
+        "--base-model",
+        help=(
+            "diffusers pipeline folder or hub id (SD 1.x/2.x, SDXL, FLUX.1, SD 3.x); 'tiny', 'tiny-xl', 'tiny-flux', "
+            "'tiny-sd3' = built-in test models."
+        ),
+    ),
 ]
 EncoderOption = Annotated[
     str | None,

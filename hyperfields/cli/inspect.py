@@ -28,8 +28,8 @@ def inspect_command(
     from hyperfields.devices import resolve_device
     from hyperfields.field.io import load_field
     from hyperfields.inspection import inspect_lora_field, inspect_tensors, inspection_steps
-    from hyperfields.models import load_pipeline_components
-    from hyperfields.predict import check_base_model, read_photo
+    from hyperfields.models import load_denoiser
+    from hyperfields.predict import check_base_model, lora_component, read_photo
 
     loaded, record = load_field(field, device=resolve_device(device))
     refuse_lora_options(ctx, record.task, ["base_model"])
@@ -39,8 +39,9 @@ def inspect_command(
     condition = f"photo '{image}'" if image is not None else "a mid-grey image"
     if record.task == "lora":
         base = base_model or record.task_settings["base_model"]
-        unet = load_pipeline_components(base).unet
-        check_base_model(loaded, record, unet, base)
+        lora_component(record, base)
+        denoiser = load_denoiser(base)
+        check_base_model(loaded, record, denoiser, base)
         table = Table(
             title=f"field '{field}' on {condition}: generated Delta at t = T vs hyperfan; update ||scale B A|| / ||W||"
         )
@@ -54,7 +55,7 @@ def inspect_command(
                 f"{r.hyperfan_b:.4g}",
                 *(f"{r.relative_update[t]:.3g}" for t in steps),
             ]
-            for r in inspect_lora_field(loaded, record, unet, pixels)
+            for r in inspect_lora_field(loaded, record, denoiser, pixels)
         ]
     else:
         table = Table(

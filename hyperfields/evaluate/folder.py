@@ -19,7 +19,7 @@ from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
 from hyperfields.files import write_folder
 from hyperfields.models import load_pipeline_components
-from hyperfields.predict import check_base_model
+from hyperfields.predict import check_base_model, lora_component
 from hyperfields.sampling import pipeline_from_parts
 
 METRICS_NAME = "metrics.json"
@@ -51,6 +51,8 @@ def write_evaluation(
     metrics.md. `details` (e.g. where the field and prompts came from) go into metrics.json as they are."""
     check_output_folder(output)
     objective = config_from_dict(record.config, where="the field's config.json").objective
+    if lora_component(record, base_model) != "unet":
+        raise UserError("evaluate scores fields of UNet bases (SD 1.x/2.x, SDXL) only, not of FLUX.1 or SD 3.x yet")
     parts = load_pipeline_components(base_model)
     parts.to(next(field.parameters()).device)
     check_base_model(field, record, parts.unet, base_model)

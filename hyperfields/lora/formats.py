@@ -1,4 +1,4 @@
-"""LoRA files other tools load: diffusers/peft (`pipe.load_lora_weights`) and kohya (A1111, ComfyUI, sd-scripts).
+"""LoRA files other tools load: diffusers/peft (`pipe.load_lora_weights`) and kohya (A1111, ComfyUI, Forge, sd-scripts).
 
 Both carry the trained alpha. diffusers reads it from the LoraConfig stored as JSON in the safetensors
 header (without it the loader assumes alpha = r); kohya files store it per module as a `.alpha` tensor.
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import torch
 from safetensors.torch import save_file
@@ -22,50 +21,14 @@ from safetensors.torch import save_file
 from hyperfields.errors import UserError
 from hyperfields.files import atomic_write
 from hyperfields.lora import LoraFormat, LoraPrecision
+from hyperfields.lora.families import BaseModelFamily
+from hyperfields.lora.flux_layout import flux_kohya_modules
 
 FORMATS: tuple[str, ...] = get_args(LoraFormat)
 DTYPES: dict[LoraPrecision, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; tests/test_export.py checks the two agree.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-UNET_PREFIX = "unet."
 KOHYA_PREFIX = "lora_unet_"
-
-
-@dataclass(frozen=True)
-class BaseModelFamily:
-    """Which Stable Diffusion a LoRA is for, told apart the way sd-scripts' flags (--v2, --v_parameterization) do."""
-
-    sdxl: bool
-    v2: bool  # SD 2.x: its UNet reads 1024-wide text embeddings (OpenCLIP ViT-H), SD 1.x's read 768
-    v_prediction: bool  # the scheduler predicts v, not the noise (SD 2.x 768-v)
-
-    @classmethod
-    def from_configs(cls, unet_config: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> BaseModelFamily:
-        """The family of a diffusers base model, from its UNet's and its scheduler's config."""
-        sdxl = unet_config.get("addition_embed_type") == "text_time"  # SDXL's pooled-text and size conditioning
-        return cls(
-            sdxl=sdxl,
-            v2=not sdxl and unet_config.get("cross_attention_dim") == 1024,
-            v_prediction=scheduler_config.get("prediction_type") == "v_prediction",
-        )
-
-    @property
-    def base_model_version(self) -> str:
-        """sd-scripts' `ss_base_model_version`: sd_v1, sd_v2, with _v for v-prediction, or sdxl_base_v1-0."""
-        if self.sdxl:
-            return "sdxl_base_v1-0"
-        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_prediction else "")
-
-    @property
-    def architecture(self) -> str:
-        """ModelSpec's `modelspec.architecture` of a LoRA for this base model."""
-        if self.sdxl:
-            base = "stable-diffusion-xl-v1-base"
-        elif self.v2:
-            base = "stable-diffusion-v2-768-v" if self.v_prediction else "stable-diffusion-v2-512"
-        else:
-            base = "stable-diffusion-v1"
-        return f"{base}/lora"
 
 
 @dataclass(frozen=True)
@@ -80,16 +43,18 @@ class LoraOrigin:
 
 @dataclass
 class LoraWeights:
-    """One UNet LoRA: factors by target, the trained alpha (scale = alpha / rank) and provenance for the header."""
+    """One LoRA of a UNet or a transformer: factors by target, the trained alpha (scale = alpha / rank) and provenance
+    for the header."""
 
     tensors: dict[str, torch.Tensor]  # "<module>.lora_A" (r, in) and "<module>.lora_B" (out, r), no batch dimension
     alpha: float
     metadata: dict[str, str] = field(default_factory=dict)  # written into the file header as is
     sdxl_layers_per_block: int | None = None  # set for an SDXL UNet: kohya files then use the SGM names
+    component: str = "unet"  # the pipeline component the targets are modules of: "unet", or "transformer" (FLUX, SD3)
 
     @property
     def targets(self) -> list[str]:
-        """The UNet module names that carry a LoRA, in layout order."""
+        """The module names that carry a LoRA, in layout order."""
         return [name.removesuffix(".lora_A") for name in self.tensors if name.endswith(".lora_A")]
 
     @property
@@ -114,16 +79,18 @@ def diffusers_state_dict(
     lora: LoraWeights,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header of a diffusers/peft LoRA file: `unet.<module>.lora_A.weight` / `.lora_B.weight`."""
+    """The tensors and header of a diffusers/peft LoRA file: `unet.<module>.lora_A.weight` / `.lora_B.weight`
+    (`transformer.` for a FLUX or SD3 LoRA)."""
+    prefix = f"{lora.component}."
     tensors = {}
     for target in lora.targets:
-        tensors[f"{UNET_PREFIX}{target}.lora_A.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
-        tensors[f"{UNET_PREFIX}{target}.lora_B.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
+        tensors[f"{prefix}{target}.lora_A.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
+        tensors[f"{prefix}{target}.lora_B.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
     # Whole module names as target_modules: peft matches them exactly, so no other layer gets a LoRA.
     config = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.targets}
     header = {
         **lora.metadata,
-        ADAPTER_METADATA_KEY: json.dumps({UNET_PREFIX + k: v for k, v in config.items()}, sort_keys=True),
+        ADAPTER_METADATA_KEY: json.dumps({prefix + k: v for k, v in config.items()}, sort_keys=True),
     }
     return tensors, header
 
@@ -185,26 +152,42 @@ def kohya_name_sdxl(target: str, layers_per_block: int = 2) -> str:
     return KOHYA_PREFIX + sgm_unet_name(target, layers_per_block).replace(".", "_")
 
 
-def kohya_state_dict(
-    lora: LoraWeights,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
-    tensors = {}
+def kohya_modules(lora: LoraWeights, flux: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{kohya module name: (lora_down, lora_up, alpha)} of `lora`: the diffusers UNet's or SDXL's SGM names, or for a
+    FLUX.1 LoRA (`flux`) the original model's fused layers."""
+    if lora.component != "unet":
+        if not flux:
+            raise UserError(
+                f"kohya files are written for UNet and FLUX.1 LoRAs, not this {lora.component} LoRA; write diffusers"
+            )
+        return flux_kohya_modules(lora.tensors, lora.targets, lora.alpha)
+    modules = {}
     for target in lora.targets:
         name = (
             kohya_name(target)
             if lora.sdxl_layers_per_block is None
             else kohya_name_sdxl(target, lora.sdxl_layers_per_block)
         )
-        tensors[f"{name}.lora_down.weight"] = _stored(lora.tensors[f"{target}.lora_A"], dtype)
-        tensors[f"{name}.lora_up.weight"] = _stored(lora.tensors[f"{target}.lora_B"], dtype)
+        modules[name] = (lora.tensors[f"{target}.lora_A"], lora.tensors[f"{target}.lora_B"], float(lora.alpha))
+    return modules
+
+
+def kohya_state_dict(
+    lora: LoraWeights,
+    dtype: torch.dtype = torch.float32,
+    flux: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a kohya LoRA file: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    tensors = {}
+    for name, (down, up, alpha) in kohya_modules(lora, flux).items():
+        tensors[f"{name}.lora_down.weight"] = _stored(down, dtype)
+        tensors[f"{name}.lora_up.weight"] = _stored(up, dtype)
         # A scalar kept in float32 whatever the precision, so the scale stays exact; loaders read it with .item().
-        tensors[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
     # sd-scripts writes every value with str(): alpha as a float ("8.0"), dim as an int.
     header = {
         **lora.metadata,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora_flux" if flux else "networks.lora",
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),
     }
@@ -214,12 +197,13 @@ def kohya_state_dict(
 # ModelSpec's implementation: whose module names the file's keys are. sd-scripts names SDXL modules by the SGM UNet.
 IMPLEMENTATION_DIFFUSERS = "diffusers"
 IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"
+IMPLEMENTATION_FLUX = "https://github.com/black-forest-labs/flux"
 
 
 def modelspec_header(origin: LoraOrigin, title: str, implementation: str) -> dict[str, str]:
     """The ModelSpec (`modelspec.*`) keys of a LoRA file, with the values sd-scripts writes."""
     side = origin.resolution
-    return {
+    header = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": origin.family.architecture,
         "modelspec.implementation": implementation,
@@ -229,6 +213,9 @@ def modelspec_header(origin: LoraOrigin, title: str, implementation: str) -> dic
         "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "modelspec.trigger_phrase": origin.trigger_phrase,
     }
+    if origin.family.transformer.startswith("flux-1"):  # sd-scripts writes no prediction type for FLUX
+        del header["modelspec.prediction_type"]
+    return header
 
 
 def kohya_training_header(origin: LoraOrigin, output_name: str) -> dict[str, str]:
@@ -267,9 +254,11 @@ def write_lora(
         if origin is not None:
             header.update(modelspec_header(origin, path.stem, IMPLEMENTATION_DIFFUSERS))
     elif format == "kohya":
-        tensors, header = kohya_state_dict(lora, DTYPES[precision])
+        flux = origin is not None and origin.family.transformer.startswith("flux-1")
+        tensors, header = kohya_state_dict(lora, DTYPES[precision], flux)
         if origin is not None:
             implementation = IMPLEMENTATION_DIFFUSERS if lora.sdxl_layers_per_block is None else IMPLEMENTATION_SGM
+            implementation = IMPLEMENTATION_FLUX if flux else implementation
             header.update(kohya_training_header(origin, path.stem))
             header.update(modelspec_header(origin, path.stem, implementation))
     else:

@@ -31,4 +31,5 @@ def with_rank(lora: LoraWeights, rank: int) -> LoraWeights:
         alpha=lora.scale * rank,
         metadata=dict(lora.metadata),
         sdxl_layers_per_block=lora.sdxl_layers_per_block,
+        component=lora.component,
     )

@@ -4,9 +4,12 @@ from hyperfields.models.loading import (
     ImageNorm,
     PipelineParts,
     encoder_width,
+    load_denoiser,
     load_encoder,
     load_pipeline,
     load_pipeline_components,
+    load_transformer_pipeline,
+    pipeline_family,
     resolve_model_path,
 )
 
@@ -14,8 +17,11 @@ __all__ = [
     "ImageNorm",
     "PipelineParts",
     "encoder_width",
+    "load_denoiser",
     "load_encoder",
     "load_pipeline",
     "load_pipeline_components",
+    "load_transformer_pipeline",
+    "pipeline_family",
     "resolve_model_path",
 ]

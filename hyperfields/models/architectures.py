@@ -60,6 +60,44 @@ SDXL_UNET: dict[str, Any] = {
 }
 
 
+# transformer/config.json of black-forest-labs/FLUX.1-dev.
+FLUX_DEV_TRANSFORMER: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+# transformer/config.json of stabilityai/stable-diffusion-3.5-medium.
+SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": list(range(13)),
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+
+# The transformer (DiT) bases by name: their diffusers class and config.
+TRANSFORMERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "flux-dev": ("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER),
+    "sd35-medium": ("SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER),
+}
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What the text side feeds a UNet: sequence length and width of the text embeddings, pooled width (SDXL)."""
@@ -103,6 +141,17 @@ def build_unet(
         torch.set_default_dtype(default)
     unet.requires_grad_(False)
     return unet.eval()
+
+
+def build_transformer(name: str, on_meta: bool = False) -> Any:
+    """The frozen, eval-mode transformer of architecture `name` ("flux-dev", "sd35-medium") with random weights."""
+    import diffusers
+
+    kind, config = TRANSFORMERS[name]
+    with torch.device("meta" if on_meta else "cpu"):
+        transformer = getattr(diffusers, kind)(**config)
+    transformer.requires_grad_(False)
+    return transformer.eval()
 
 
 def build_dinov2_base(dtype: torch.dtype = torch.float32) -> Any:

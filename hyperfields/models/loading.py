@@ -11,7 +11,7 @@ import transformers
 from packaging.version import Version
 
 from hyperfields.errors import UserError, error_line
-from hyperfields.models.tiny import TINY, TINY_XL, tiny_models_dir
+from hyperfields.models.tiny import TINY, TINY_PIPELINES, tiny_models_dir
 
 # transformers renamed torch_dtype to dtype in 4.56 and warns on the old name from 5.0.
 _TF_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -52,11 +52,12 @@ class ImageNorm:
 
 
 def resolve_model_path(name: str, kind: Literal["pipeline", "encoder", "clip", "dino"]) -> str:
-    """Where to load `name` from: the tiny cache for "tiny" / "tiny-xl", a local folder as is, else the hub id."""
+    """Where to load `name` from: the tiny cache for "tiny", "tiny-xl", "tiny-flux", "tiny-sd3", a local folder as is,
+    else the hub id."""
+    if name in TINY_PIPELINES and kind == "pipeline":
+        return str(tiny_models_dir() / TINY_PIPELINES[name])
     if name == TINY:
         return str(tiny_models_dir() / kind)
-    if name == TINY_XL and kind == "pipeline":
-        return str(tiny_models_dir() / "pipeline-xl")
     local = Path(name).expanduser()
     if local.is_dir():
         return str(local)
@@ -65,12 +66,12 @@ def resolve_model_path(name: str, kind: Literal["pipeline", "encoder", "clip", "
 
 def _pipeline_error(base_model: str, path: str, exc: BaseException) -> UserError:
     local = Path(path)
-    if local.is_dir() and (local / "unet" / "config.json").is_file():
-        what = f"could not load the Stable Diffusion folder {path}"
+    if local.is_dir() and any((local / part / "config.json").is_file() for part in ("unet", "transformer")):
+        what = f"could not load the diffusers pipeline folder {path}"
     elif local.is_dir():
-        what = f"{path} is not a diffusers Stable Diffusion folder (no unet/config.json)"
+        what = f"{path} is not a diffusers pipeline folder (no unet/config.json or transformer/config.json)"
     else:
-        what = "not a diffusers Stable Diffusion folder (no unet/config.json) and not reachable as a hub id"
+        what = "not a diffusers pipeline folder (no unet/ or transformer/config.json) and not reachable as a hub id"
     return UserError(f"base model {base_model!r}: {what} ({error_line(exc)})")
 
 
@@ -85,6 +86,52 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
     except Exception as exc:
         raise _pipeline_error(base_model, path, exc) from exc
     return pipeline
+
+
+# The diffusers pipeline classes of the transformer (DiT) bases hyperfields trains on, by family.
+TRANSFORMER_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+
+
+def pipeline_family(base_model: str) -> Literal["unet", "flux", "sd3"]:
+    """Which family `base_model` is, from its model_index.json: "flux" (FLUX.1), "sd3" (SD 3.x), else "unet"."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model_path(base_model, "pipeline")
+    try:
+        index = DiffusionPipeline.load_config(path)
+    except Exception as exc:
+        raise _pipeline_error(base_model, path, exc) from exc
+    return TRANSFORMER_FAMILIES.get(str(index.get("_class_name")), "unet")  # type: ignore[return-value]
+
+
+def load_transformer_pipeline(base_model: str, dtype: torch.dtype = torch.float32) -> Any:
+    """`base_model` (FLUX.1 or SD 3.x) as its diffusers pipeline, every model frozen and in eval mode, no progress bar:
+    the transformer, VAE and text encoders the flow-matching task trains with."""
+    pipeline = load_pipeline(base_model, dtype)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+            component.eval()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_denoiser(base_model: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """`base_model`'s UNet, or its transformer for FLUX.1 and SD 3.x, alone: frozen and in eval mode."""
+    import diffusers
+
+    family = pipeline_family(base_model)
+    component, kind = {
+        "unet": ("unet", "UNet2DConditionModel"),
+        "flux": ("transformer", "FluxTransformer2DModel"),
+        "sd3": ("transformer", "SD3Transformer2DModel"),
+    }[family]
+    path = resolve_model_path(base_model, "pipeline")
+    try:
+        model = getattr(diffusers, kind).from_pretrained(path, subfolder=component, torch_dtype=dtype)
+    except Exception as exc:
+        raise _pipeline_error(base_model, path, exc) from exc
+    return model.requires_grad_(False).eval()
 
 
 def load_pipeline_components(base_model: str, dtype: torch.dtype = torch.float32) -> PipelineParts:

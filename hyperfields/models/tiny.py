@@ -1,14 +1,12 @@
-"""The tiny models: seeded random Stable Diffusion, SDXL, ViT, CLIP and DINO models built from fixed configs.
+"""The tiny models: seeded random Stable Diffusion, SDXL, FLUX.1, SD3.5, ViT, CLIP and DINO models from fixed configs.
 
-"tiny" (and "tiny-xl", its Stable Diffusion XL counterpart) lets the whole tool, its tests and CI run on a CPU with
-no network: the models are built from fixed configs and a fixed seed, written once into a cache folder and then
-loaded like any real checkpoint.
+"tiny" (and "tiny-xl", "tiny-flux", "tiny-sd3": its SDXL, FLUX.1 and SD3.5 counterparts) lets the whole tool, its
+tests and CI run on a CPU with no network: the models are built from fixed configs and a fixed seed, written once into
+a cache folder and then loaded like any real checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,81 +14,16 @@ import torch
 
 from hyperfields.errors import UserError
 from hyperfields.files import cache_root, write_folder
+from hyperfields.models.tiny_dit import save_flux_pipeline, save_sd3_pipeline
+from hyperfields.models.tiny_parts import clip_text_encoder, clip_tokenizer, tiny_vae, write_bpe_files
 
 TINY = "tiny"
 TINY_XL = "tiny-xl"
-_TINY_VERSION = "tiny-v4"  # bump when the tiny configs change, so stale caches are not reused
-# Frequent English letter pairs: enough for multi-character tokens to exist, so tokenization is realistic.
-_MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("o", "g</w>")]
-
-
-def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Returns a CLIP-style BPE vocabulary that covers every byte, so no prompt ever maps to the unknown token."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = sorted(ByteLevel.alphabet())  # sorted: the set order is not stable across runs
-    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in _MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]  # last, as in the real CLIP vocabulary
-    return {token: i for i, token in enumerate(tokens)}, list(_MERGES)
-
-
-def _write_bpe_files(directory: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    # Slow-tokenizer files too: transformers 4 cannot build CLIPTokenizer from tokenizer.json alone.
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _tiny_tokenizer() -> Any:
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _byte_vocab()
-    try:
-        # transformers 5: in memory; merges must be tuples although the signature says list[str].
-        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    except TypeError:  # transformers 4: the slow tokenizer only reads files
-        with tempfile.TemporaryDirectory() as scratch:
-            _write_bpe_files(Path(scratch), vocab, merges)
-            return CLIPTokenizer(f"{scratch}/vocab.json", f"{scratch}/merges.txt", model_max_length=77)
-
-
-def _tiny_vae(seed: int, scaling_factor: float) -> Any:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    # Three blocks, two downsampling: 64 px images give 16 x 16 latents, so a UNet step on a CPU takes
-    # milliseconds while every code path (cross-attention, VAE, scheduler) is the real one.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 32, 64),
-        latent_channels=4,
-        sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        scaling_factor=scaling_factor,
-    )
-
-
-def _tiny_text_encoder(seed: int, tokenizer: Any, with_projection: bool = False) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        # The pooled output is read at the first eos token, so the ids must match the tokenizer's.
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(text_config) if with_projection else CLIPTextModel(text_config)
-
+TINY_FLUX = "tiny-flux"
+TINY_SD3 = "tiny-sd3"
+# Each tiny base model's folder in the cache.
+TINY_PIPELINES = {TINY: "pipeline", TINY_XL: "pipeline-xl", TINY_FLUX: "pipeline-flux", TINY_SD3: "pipeline-sd3"}
+_TINY_VERSION = "tiny-v5"  # bump when the tiny configs change, so stale caches are not reused
 
 # Stable Diffusion's own schedule settings, so noise levels look like the real ones and the
 # pipeline does not warn about a legacy scheduler config.
@@ -107,7 +40,7 @@ _SD_SCHEDULE = dict(
 def _save_pipeline(directory: Path, seed: int) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    tokenizer = _tiny_tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
     # Cross-attention in the down, mid and up blocks: 12 attention modules for LoRA to target.
     unet = UNet2DConditionModel(
@@ -122,8 +55,8 @@ def _save_pipeline(directory: Path, seed: int) -> None:
         attention_head_dim=8,
     )
     pipeline = StableDiffusionPipeline(
-        vae=_tiny_vae(seed, 0.18215),
-        text_encoder=_tiny_text_encoder(seed, tokenizer),
+        vae=tiny_vae(seed, 0.18215),
+        text_encoder=clip_text_encoder(seed, tokenizer),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=DDPMScheduler(**_SD_SCHEDULE, clip_sample=False),
@@ -132,13 +65,13 @@ def _save_pipeline(directory: Path, seed: int) -> None:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(directory)
-    _write_bpe_files(directory / "tokenizer", *_byte_vocab())
+    write_bpe_files(directory / "tokenizer")
 
 
 def _save_pipeline_xl(directory: Path, seed: int) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    tokenizer = _tiny_tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
     # SDXL's shape in small: no attention in the first block, linear proj_in/out, two transformer layers
     # deeper down, context = both text encoders' widths concatenated (32 + 32), and the "text_time"
@@ -160,9 +93,9 @@ def _save_pipeline_xl(directory: Path, seed: int) -> None:
         projection_class_embeddings_input_dim=6 * 8 + 32,
     )
     pipeline = StableDiffusionXLPipeline(
-        vae=_tiny_vae(seed, 0.13025),
-        text_encoder=_tiny_text_encoder(seed, tokenizer),
-        text_encoder_2=_tiny_text_encoder(seed + 1, tokenizer, with_projection=True),
+        vae=tiny_vae(seed, 0.13025),
+        text_encoder=clip_text_encoder(seed, tokenizer),
+        text_encoder_2=clip_text_encoder(seed + 1, tokenizer, with_projection=True),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
@@ -170,7 +103,7 @@ def _save_pipeline_xl(directory: Path, seed: int) -> None:
     )
     pipeline.save_pretrained(directory)
     for name in ("tokenizer", "tokenizer_2"):
-        _write_bpe_files(directory / name, *_byte_vocab())
+        write_bpe_files(directory / name)
 
 
 def _save_encoder(directory: Path, seed: int) -> None:
@@ -205,7 +138,7 @@ def _save_clip(directory: Path, seed: int) -> None:
     """A CLIP model with its processor (image processor and tokenizer): the evaluation's CLIP-I and CLIP-T."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-    tokenizer = _tiny_tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
     layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     text = dict(
@@ -220,23 +153,26 @@ def _save_clip(directory: Path, seed: int) -> None:
     CLIPModel(config).save_pretrained(directory)
     image_processor = _image_processor("CLIP")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
-    _write_bpe_files(directory, *_byte_vocab())
+    write_bpe_files(directory)
 
 
 def write_tiny_models(directory: Path, seed: int = 0) -> None:
     """Writes seeded random tiny models: `directory/pipeline` (Stable Diffusion), `directory/pipeline-xl` (SDXL),
-    `directory/encoder` (ViT), and the evaluation's `directory/clip` (CLIP) and `directory/dino` (a ViT)."""
+    `directory/pipeline-flux` (FLUX.1-dev), `directory/pipeline-sd3` (SD3.5), `directory/encoder` (ViT), and the
+    evaluation's `directory/clip` (CLIP) and `directory/dino` (a ViT)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_folder(directory / "pipeline", lambda d: _save_pipeline(d, seed))
     write_folder(directory / "pipeline-xl", lambda d: _save_pipeline_xl(d, seed))
+    write_folder(directory / "pipeline-flux", lambda d: save_flux_pipeline(d, seed))
+    write_folder(directory / "pipeline-sd3", lambda d: save_sd3_pipeline(d, seed))
     write_folder(directory / "encoder", lambda d: _save_encoder(d, seed))
     write_folder(directory / "clip", lambda d: _save_clip(d, seed))
     write_folder(directory / "dino", lambda d: _save_encoder(d, seed + 1))
 
 
 def _tiny_complete(directory: Path) -> bool:
-    pipelines = all((directory / name / "model_index.json").is_file() for name in ("pipeline", "pipeline-xl"))
+    pipelines = all((directory / name / "model_index.json").is_file() for name in TINY_PIPELINES.values())
     return pipelines and all((directory / name / "config.json").is_file() for name in ("encoder", "clip", "dino"))
 
 

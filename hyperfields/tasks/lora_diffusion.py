@@ -52,6 +52,11 @@ class LoraDiffusionTask:
     def device(self) -> torch.device:
         return next(self.parts.unet.parameters()).device
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model the LoRA targets are modules of: the UNet."""
+        return self.parts.unet
+
     def sdxl_layers_per_block(self) -> int | None:
         """For an SDXL UNet, its layers per block (kohya files name SDXL modules by the SGM layout); else None."""
         return int(self.parts.unet.config.layers_per_block) if self.parts.is_sdxl else None
