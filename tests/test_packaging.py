@@ -121,7 +121,7 @@ def test_unknown_preset_name_is_one_line_listing_the_presets(tmp_path):
     )
     assert result.exit_code == 2 and clean_exit(result)
     assert result.output.strip().splitlines() == [
-        "error: config 'sd16' is neither a file nor a preset; presets are inr, sd15, sdxl, tiny"
+        "error: config 'sd16' is neither a file nor a preset; presets are flux-dev, inr, sd15, sd35-medium, sdxl, tiny"
     ]
     result = CliRunner().invoke(
         app, ["train", "--config", "nope.yaml", "--images", str(tmp_path), "--output", str(tmp_path)]
