@@ -10,6 +10,7 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Literal
 
+from hyperfields.config_checks import validate
 from hyperfields.config_values import coerce, parse_yaml, read_config_file
 from hyperfields.errors import UserError
 from hyperfields.lora import DEFAULT_TARGETS
@@ -149,32 +150,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_POSITIVE = {
-    "model.resolution",
-    "lora.rank",
-    "lora.alpha",
-    "inr.hidden",
-    "inr.layers",
-    "inr.frequencies",
-    "inr.frequency_scale",
-    "field.width",
-    "field.depth",
-    "field.heads",
-    "field.mlp_ratio",
-    "objective.steps",
-    "objective.step_size",
-    "objective.rollout",
-    "objective.noise_draws",
-    "train.max_steps",
-    "train.batch_size",
-    "train.learning_rate",
-    "train.gradient_accumulation",
-    "train.eval_draws",
-    "train.log_every",
-    "train.validation_images",
-}
-
-
 def _sections() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {name: hints[name] for name in (f.name for f in dataclasses.fields(Config))}
@@ -190,74 +165,6 @@ def _set(config: Config, key: str, value: Any) -> None:
     if name not in hints:
         raise UserError(f"unknown config key '{key}'; '{section_name}' has {', '.join(hints)}")
     setattr(section, name, coerce(value, hints[name], key))
-
-
-def _validate(config: Config) -> None:
-    for key in _POSITIVE:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value <= 0:
-            raise UserError(f"config key '{key}': must be positive, got {value}")
-    if config.field.width % config.field.heads:
-        raise UserError(
-            f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}"
-        )
-    if config.objective.momentum > 0 and (config.objective.rollout > 1 or config.objective.hinge_weight > 0):
-        raise UserError(
-            "config key 'objective.momentum': gradient matching with momentum needs objective.rollout=1 and "
-            "objective.hinge_weight=0"
-        )
-    if config.objective.rollout >= config.objective.steps:
-        rollout, steps = config.objective.rollout, config.objective.steps
-        raise UserError(f"config key 'objective.rollout': {rollout} must be below objective.steps={steps}")
-    for key, value in (("train.ema_decay", config.train.ema_decay), ("objective.momentum", config.objective.momentum)):
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"config key '{key}': must be in [0, 1), got {value}")
-    for key in (
-        "train.warmup_steps",
-        "train.checkpoint_every",
-        "train.checkpoints_limit",
-        "train.eval_every",
-        "train.heldout",
-        "train.skip_nonfinite",
-        "train.validation_every",
-        "train.weight_decay",
-        "train.max_grad_norm",
-        "objective.max_step_norm",
-        "objective.end_weight",
-        "objective.hinge_weight",
-        "inr.pixels",
-        "field.spatial_rank",
-    ):
-        section, name = key.split(".")
-        if getattr(getattr(config, section), name) < 0:
-            raise UserError(f"config key '{key}': must not be negative")
-    if config.train.cache_latents:
-        if config.train.cache == "disk":
-            raise UserError(
-                "config key 'train.cache_latents': it is the old name of train.cache=memory and "
-                "contradicts train.cache=disk; remove train.cache_latents"
-            )
-        config.train.cache = "memory"  # the alias resolved once, so only train.cache is ever read
-    _validate_samples(config)
-    if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
-        template = config.data.caption_template
-        raise UserError(
-            f"config key 'data.caption_template': only the {{token}} placeholder is allowed, got {template!r}"
-        )
-
-
-def _validate_samples(config: Config) -> None:
-    train = config.train
-    if not train.validation_prompts:
-        return
-    if config.model.task != "lora":
-        raise UserError("config key 'train.validation_prompts': samples need a LoRA field (model.task=lora)")
-    if train.heldout == 0:
-        raise UserError("config key 'train.validation_prompts': samples are of held-out photos; set train.heldout > 0")
-    for prompt in train.validation_prompts:
-        if "{" in prompt.replace("{token}", "") or "}" in prompt.replace("{token}", ""):
-            raise UserError(f"config key 'train.validation_prompts': only {{token}} may be used, got {prompt!r}")
 
 
 def _flatten(mapping: dict[str, Any], where: str) -> dict[str, Any]:
@@ -291,7 +198,7 @@ def _config(items: list[tuple[str, Any]], note: Callable[[str], None] | None) ->
     for key, value in items:
         _set(config, key, value)
     _read_former_precision(config, {key for key, _ in items}, note)
-    _validate(config)
+    validate(config)
     return config
 
 
