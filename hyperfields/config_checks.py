@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from hyperfields.errors import UserError
 
-if TYPE_CHECKING:
-    from hyperfields.config import Config
+# The checks read a hyperfields.config.Config; they do not import it, so config.py can import them.
+Config = Any
 
 _POSITIVE = {
     "model.resolution",
