@@ -118,7 +118,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # 0 = only at the end
     checkpoints_limit: int = 2  # keep this many checkpoints; 0 = keep all
     eval_every: int = 0  # held-out evaluation period; 0 = only at the end
-    heldout: int = 2  # images kept out of training for the held-out evaluation
+    heldout: int = 2  # subjects kept out of training for the held-out evaluation
     eval_draws: int = 16  # fixed noise draws per held-out image in the evaluation
     log_every: int = 10
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # the tracker training scalars go to
@@ -134,6 +134,10 @@ class TrainConfig:
 class DataConfig:
     caption_template: str = "a photo of {token}"
     token: str = "sks"  # the identifier token of the personalised subject
+    # A subject is a sub-folder of the data folder (a flat folder: one photo each). The real update at every step
+    # takes the task's loss over this many of the subject's photos (fewer when no subject has as many).
+    photos_per_subject: int = 4
+    field_photos: int = 4  # the field sees 1..this many of a subject's photos per step, drawn at random
 
 
 @dataclass

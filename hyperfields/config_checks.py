@@ -32,6 +32,8 @@ _POSITIVE = {
     "train.eval_draws",
     "train.log_every",
     "train.validation_images",
+    "data.photos_per_subject",
+    "data.field_photos",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ from PIL import Image, ImageOps
 
 from hyperfields.data import ImageRecord, decoding, one_line
 from hyperfields.errors import UserError
+
+T = TypeVar("T")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -93,21 +96,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "caption": record.caption, "path": str(record.path)}
 
 
-def split_heldout(
-    records: Sequence[ImageRecord], n_heldout: int, seed: int
-) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Return (train, heldout): min(n_heldout, len(records) // 4) records held out by a seeded shuffle.
+def split_heldout(items: Sequence[T], n_heldout: int, seed: int) -> tuple[list[T], list[T]]:
+    """Return (train, heldout): min(n_heldout, len(items) // 4) items (subjects, or records) held out by a seeded
+    shuffle.
 
     Capping at a quarter keeps most of a tiny folder for training; both lists
     keep the input order so logs and checkpoints are stable.
     """
     if n_heldout < 0:
         raise ValueError(f"n_heldout must be >= 0, got {n_heldout}")
-    records = list(records)
-    n = min(n_heldout, len(records) // 4)
-    order = list(range(len(records)))
+    items = list(items)
+    n = min(n_heldout, len(items) // 4)
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held = set(order[:n])
-    train = [r for i, r in enumerate(records) if i not in held]
-    heldout = [r for i, r in enumerate(records) if i in held]
+    train = [r for i, r in enumerate(items) if i not in held]
+    heldout = [r for i, r in enumerate(items) if i in held]
     return train, heldout

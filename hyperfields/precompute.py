@@ -23,6 +23,7 @@ from hyperfields.devices import resolve_device
 from hyperfields.errors import UserError, error_line
 from hyperfields.files import write_folder, write_safetensors, write_text
 from hyperfields.streams import stream
+from hyperfields.subjects import group_subjects
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
 from hyperfields.trajectory import real_trajectory
@@ -103,7 +104,10 @@ def precompute(
     report = scan_image_folder(
         Path(data_dir), config.data.caption_template, config.data.token, config.model.resolution, warn
     )
-    records, _ = split_heldout(report.records, config.train.heldout, config.train.seed)
+    # The held-out split is by subject, as train makes it.
+    subjects = group_subjects(Path(data_dir), report.records, warn)
+    subjects, _ = split_heldout(subjects, config.train.heldout, config.train.seed)
+    records = [record for subject in subjects for record in subject.records]
     task = build_task(config, device, torch.float32)
     theta_T = optimise_images(task, ImageCaptionDataset(records, config.model.resolution), config, device, on_step)
     objective = config.objective

@@ -10,6 +10,7 @@ every training image to one t.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ PURPOSES = (
     "refine",
     "optimise",
     "dreambooth",
+    "photos",
 )
 
 
@@ -68,3 +70,21 @@ def training_draws(
     picks = [members[i] for i in drawn.tolist()]
     t = torch.randint(0, last_t + 1, (batch,), generator=stream(seed, "steps", step, process, micro))
     return picks, t
+
+
+def photo_draws(
+    seed: int, step: int, process: int, micro: int, sizes: Sequence[int], task_photos: int, field_photos: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """For subjects of `sizes` photos (one per sample of a micro-batch): the `task_photos` of each that the task's
+    loss is taken over, and the 1..min(size, field_photos) of them the field sees, as positions within each subject.
+
+    The task's photos go through a subject in a random order, so each comes once before any comes twice.
+    """
+    generator = stream(seed, "photos", step, process, micro)
+    task_rows, field_rows = [], []
+    for size in sizes:
+        order = torch.randperm(size, generator=generator).tolist()
+        task_rows.append([order[k % size] for k in range(task_photos)])
+        shown = int(torch.randint(1, min(size, field_photos) + 1, (1,), generator=generator))
+        field_rows.append(torch.randperm(size, generator=generator)[:shown].tolist())
+    return task_rows, field_rows

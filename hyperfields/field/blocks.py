@@ -46,8 +46,11 @@ class FieldBlock(nn.Module):
         self.mlp = Mlp(width, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
 
-    def forward(self, x: torch.Tensor, image_tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (N * M, W, D): weight tokens of M steps per image, rows ordered (image, step); image_tokens (N, S, D)."""
+    def forward(
+        self, x: torch.Tensor, image_tokens: torch.Tensor, cond: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (N * M, W, D): weight tokens of M steps per image, rows ordered (image, step); image_tokens (N, S, D),
+        the tokens of all of a subject's photos side by side; padding (N, S) true at tokens of absent photos."""
         s1, c1, g1, s2, c2, g2, s3, c3, g3 = self.adaLN_modulation(cond).chunk(9, dim=1)
         h = modulate(self.norm1(x), s1, c1)
         x = x + g1.unsqueeze(1) * self.self_attn(h, h, h, need_weights=False)[0]
@@ -56,7 +59,8 @@ class FieldBlock(nn.Module):
         # the image's keys and values are projected once, not once per step.
         n = image_tokens.shape[0]
         queries = h.reshape(n, -1, h.shape[-1])  # (N, M * W, D)
-        attended = self.cross_attn(queries, image_tokens, image_tokens, need_weights=False)[0].reshape(h.shape)
+        attended = self.cross_attn(queries, image_tokens, image_tokens, key_padding_mask=padding, need_weights=False)[0]
+        attended = attended.reshape(h.shape)
         x = x + g2.unsqueeze(1) * attended
         return x + g3.unsqueeze(1) * self.mlp(modulate(self.norm3(x), s3, c3))  # (N * M, W, D)
 

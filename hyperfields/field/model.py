@@ -15,6 +15,14 @@ def _shape_key(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
+def _mean_over_photos(x: torch.Tensor, photo_mask: torch.Tensor | None) -> torch.Tensor:
+    """(N, *rest) mean of x (N, P, *rest) over each subject's present photos."""
+    if photo_mask is None:
+        return x.mean(dim=1)
+    present = photo_mask.to(x.dtype).view(*photo_mask.shape, *([1] * (x.ndim - 2)))
+    return (x * present).sum(dim=1) / present.sum(dim=1)
+
+
 class HyperField(nn.Module):
     """Psi(c, t) = theta_0 + (t / T) * Delta(c, t), one token per published tensor, one head per shape.
 
@@ -108,16 +116,24 @@ class HyperField(nn.Module):
             stds.update({self.names[i]: float(scale[j]) for j, i in enumerate(indices)})
         return stds
 
-    def _delta_by_shape(self, image_tokens: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Delta(c, t) of each group of same-shape tensors, by shape key: (N * M, n_key, *shape) for t (N, M)."""
+    def _delta_by_shape(
+        self, image_tokens: torch.Tensor, photo_mask: torch.Tensor | None, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Delta(c, t) of each group of same-shape tensors, by shape key: (N * M, n_key, *shape) for t (N, M) and
+        the tokens (N, P, S, D) of P photos per subject."""
         phase = t.float().reshape(-1) / self.steps  # bounded phase t/T, never raw t; rows ordered (image, step)
-        image_cond = self.pool_proj(image_tokens.mean(dim=1))  # (N, D), once per image whatever M
+        # A subject's photos are a set: the condition is the mean over its photos and cross-attention reads all their
+        # tokens side by side, with nothing telling the photos apart, so their order cannot matter.
+        image_cond = self.pool_proj(_mean_over_photos(image_tokens.mean(dim=2), photo_mask))  # (N, D), whatever M
         if self.spatial_rank > 0:
-            image_cond = image_cond + self.spatial_up(self.spatial_down(image_tokens).flatten(1))
+            spatial = self.spatial_up(self.spatial_down(image_tokens).flatten(2))  # (N, P, D)
+            image_cond = image_cond + _mean_over_photos(spatial, photo_mask)
         cond = self.phase_embed(phase) + image_cond.repeat_interleave(t.shape[1], dim=0)  # (N * M, D)
+        n, photos, per_photo = image_tokens.shape[:3]
+        padding = None if photo_mask is None else ~photo_mask.repeat_interleave(per_photo, dim=1)  # (N, P * S)
         x = self.tokens.unsqueeze(0).expand(phase.shape[0], -1, -1)  # (N * M, W, D)
         for block in self.blocks:
-            x = block(x, image_tokens, cond)
+            x = block(x, image_tokens.view(n, photos * per_photo, -1), cond, padding)
         x = self.final(x, cond)  # (N * M, W, D)
         out = {}
         for key, indices in self.groups.items():
@@ -138,17 +154,26 @@ class HyperField(nn.Module):
         t: torch.Tensor | int | float,
         images: torch.Tensor | None = None,
         encoder_tokens: torch.Tensor | None = None,
+        photo_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Psi(c, t) by name, from images or from a frozen encoder's tokens computed once.
 
-        `t` is one step for all N images, one per image (N,), each (N, *shape); or M steps per image (N, M),
+        The condition of each of N subjects is one photo, `images` (N, 3, H, W) or `encoder_tokens` (N, S, D), or
+        P photos, (N, P, 3, H, W) or (N, P, S, D), with `photo_mask` (N, P) true where a photo is present (None:
+        all are). `t` is one step for all N, one per subject (N,), each (N, *shape); or M steps per subject (N, M),
         each (N, M, *shape), at the cost of one pass through the image side for all M.
         """
         if encoder_tokens is None:
             if images is None:
                 raise ValueError("HyperField needs images or encoder_tokens")
-            encoder_tokens = self.encoder(images)
-        image_tokens = self.image_proj(encoder_tokens)
+            encoder_tokens = (
+                self.encoder(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+                if images.ndim == 5
+                else self.encoder(images)
+            )
+        if encoder_tokens.ndim == 3:
+            encoder_tokens = encoder_tokens.unsqueeze(1)  # one photo per subject
+        image_tokens = self.image_proj(encoder_tokens)  # (N, P, S, D)
         n = image_tokens.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=image_tokens.device)
         several = t.ndim == 2
@@ -156,7 +181,7 @@ class HyperField(nn.Module):
         theta0 = self.theta0()
         psi = {}
         # Per shape group, not per tensor: a few ops whatever the number of LoRA layers.
-        for key, delta in self._delta_by_shape(image_tokens, t).items():
+        for key, delta in self._delta_by_shape(image_tokens, photo_mask, t).items():
             start = torch.stack([theta0[self.names[i]] for i in self.groups[key]])  # (n_key, *shape)
             phase = (t.reshape(-1) / self.steps).view(-1, *([1] * (delta.ndim - 1)))
             psi[key] = start + phase * delta

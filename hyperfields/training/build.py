@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ from hyperfields.field.record import FieldRecord
 from hyperfields.manifest import MANIFEST_NAME, scan_with_manifest
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
+from hyperfields.subjects import group_subjects
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
+from hyperfields.tasks.subject import SubjectTask
 from hyperfields.training.cache import ConditionCache, condition_cache
 from hyperfields.training.ema import EMA
 from hyperfields.training.logs import print0
@@ -49,6 +52,7 @@ class TrainingRun:
     schedule: torch.optim.lr_scheduler.LRScheduler
     ema: EMA | None  # train.ema_decay > 0
     dataset: ImageCaptionDataset  # the training images
+    subjects: list[list[int]]  # each training subject's images, as indices into dataset
     heldout: ImageCaptionDataset  # the held-out images, scored by evaluation
     conditions: Conditions  # training image indices -> (field inputs, task inputs), computed
     cache: ConditionCache | None  # the same, kept per image in memory or on disk (train.cache); None: "none"
@@ -100,8 +104,9 @@ def load_images(
     data_dir: Path,
     output: Path,
     accelerator: Accelerator,
-) -> tuple[ImageCaptionDataset, ImageCaptionDataset]:
-    """The training and held-out images of `data_dir`, each skipped file named once."""
+) -> tuple[ImageCaptionDataset, list[list[int]], ImageCaptionDataset]:
+    """The training images of `data_dir`, each training subject's indices among them, and the held-out subjects'
+    images; each skipped file named once."""
     # Decoded once by the main process into the run folder's manifest; the others and resumed runs reuse it.
     report, _ = scan_with_manifest(
         data_dir,
@@ -113,13 +118,24 @@ def load_images(
         accelerator.is_main_process,
         accelerator.wait_for_everyone,
     )
-    print0(accelerator, f"data: {len(report.records)} usable images in '{data_dir}', {len(report.skipped)} skipped")
-    train_records, heldout_records = split_heldout(report.records, config.train.heldout, config.train.seed)
+    subjects = group_subjects(data_dir, report.records, warn_on_main(accelerator))
+    of_subjects = "" if len(subjects) == len(report.records) else f" of {len(subjects)} subjects"
+    print0(
+        accelerator,
+        f"data: {len(report.records)} usable images{of_subjects} in '{data_dir}', {len(report.skipped)} skipped",
+    )
+    train_subjects, heldout_subjects = split_heldout(subjects, config.train.heldout, config.train.seed)
+    train_records = [record for subject in train_subjects for record in subject.records]
+    starts = itertools.accumulate((len(subject.records) for subject in train_subjects), initial=0)
+    indices = [list(range(start, start + len(subject.records))) for start, subject in zip(starts, train_subjects)]
     # A condition cache reads each training image once: keeping its pixels too would grow with the folder.
     keep_decoded = config.train.cache == "none"
     return (
         ImageCaptionDataset(train_records, config.model.resolution, keep_decoded=keep_decoded),
-        ImageCaptionDataset(heldout_records, config.model.resolution),
+        indices,
+        ImageCaptionDataset(
+            [record for subject in heldout_subjects for record in subject.records], config.model.resolution
+        ),
     )
 
 
@@ -162,14 +178,22 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
     """The accelerator, images, task, field, optimiser, schedule, EMA and conditions of a run writing to `output`."""
     train, objective = config.train, config.objective
     accelerator = make_accelerator(config, output)
-    dataset, heldout = load_images(config, data_dir, output, accelerator)
-    if train.sampling == "shard" and len(dataset) < accelerator.num_processes:
+    dataset, subjects, heldout = load_images(config, data_dir, output, accelerator)
+    if train.sampling == "shard" and len(subjects) < accelerator.num_processes:
         raise UserError(
-            f"config key 'train.sampling': shard sampling needs a training image per process, and there are "
-            f"{len(dataset)} for {accelerator.num_processes} processes; use train.sampling=global"
+            f"config key 'train.sampling': shard sampling needs a training subject per process, and there are "
+            f"{len(subjects)} for {accelerator.num_processes} processes; use train.sampling=global"
+        )
+    several = max(len(photos) for photos in subjects) > 1
+    if several and objective.kind == "supervised":
+        raise UserError(
+            f"config key 'objective.kind': supervised regression learns one photo's precomputed weights, and "
+            f"'{data_dir}' holds subjects of several photos; use objective.kind=matching"
         )
     # Frozen models in train.frozen_dtype, the field and its optimiser in fp32.
     task = build_task(config, accelerator.device, DTYPES[train.frozen_dtype])
+    if several:
+        task = SubjectTask(task)
     field = build_field(config, task)
     parameters = [p for p in field.parameters() if p.requires_grad]
     # The fused kernel: on CPU a step of a small field takes a quarter of the per-tensor loop's time.
@@ -212,6 +236,7 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
         schedule,
         ema,
         dataset,
+        subjects,
         heldout,
         conditions,
         cache,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from hyperfields.objectives import MicroBatch, objective_loss
-from hyperfields.streams import stream, training_draws
+from hyperfields.streams import photo_draws, stream, training_draws
 from hyperfields.training.build import TrainingRun
+from hyperfields.training.photo_sets import photo_set_conditions
 from hyperfields.trajectory import NonFiniteError
 
 
 def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
-    """Micro-batch `micro` of `step` on this process: its images' conditions, steps t, noise and theta_T."""
+    """Micro-batch `micro` of `step` on this process: its subjects' conditions, steps t, noise and theta_T."""
     config, accelerator = run.config, run.accelerator
     seed, process = config.train.seed, accelerator.process_index
     picks, t = training_draws(
@@ -19,13 +20,21 @@ def micro_batch(run: TrainingRun, step: int, micro: int) -> MicroBatch:
         step,
         process,
         micro,
-        len(run.dataset),
+        len(run.subjects),
         config.train.batch_size,
         config.objective.steps - config.objective.rollout,
         shards=accelerator.num_processes if config.train.sampling == "shard" else 1,
     )
     noise = stream(seed, "noise", step, process, micro, accelerator.device)
-    field_inputs, inputs = run.cache.get(picks) if run.cache is not None else run.conditions(picks)
+    conditions = run.cache.get if run.cache is not None else run.conditions
+    largest = max(len(photos) for photos in run.subjects)
+    if largest == 1:  # one photo per subject: each pick is a training image
+        field_inputs, inputs = conditions([run.subjects[pick][0] for pick in picks])
+    else:
+        sizes = [len(run.subjects[pick]) for pick in picks]
+        photos = min(config.data.photos_per_subject, largest)
+        task_rows, field_rows = photo_draws(seed, step, process, micro, sizes, photos, config.data.field_photos)
+        field_inputs, inputs = photo_set_conditions(conditions, run.subjects, picks, task_rows, field_rows)
     if run.theta_T is None:
         lags = stream(seed, "lags", step, process, micro) if config.objective.momentum > 0 else None
         return MicroBatch(field_inputs, inputs, t.to(accelerator.device), noise, lags=lags)
