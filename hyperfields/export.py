@@ -1,4 +1,5 @@
-"""Files of predicted weights: one photo to one file, or a folder of photos to a folder of files (one per photo).
+"""Files of predicted weights: a subject's photos to one file, or a folder of subjects to a folder of files (one per
+subject: a sub-folder, or a photo beside them).
 
 A LoRA field writes LoRA files (diffusers or kohya); a field of another task writes its tensors under their own names.
 """
@@ -18,13 +19,14 @@ from hyperfields.files import atomic_write, writable_folder
 from hyperfields.lora import LoraFormat, LoraPrecision
 from hyperfields.lora.formats import LoraOrigin, write_lora
 from hyperfields.predict import (
-    Photo,
+    PhotoSet,
     lora_origin,
     predict_lora,
     predicted_weights,
     prediction_metadata,
-    read_photo,
+    read_photos,
 )
+from hyperfields.subjects import Subject, group_subjects
 
 SUFFIX = ".safetensors"
 
@@ -32,32 +34,32 @@ SUFFIX = ".safetensors"
 def write_prediction(
     field: HyperField,
     record: FieldRecord,
-    photo: Photo,
+    photos: PhotoSet,
     t: float,
     path: Path,
     format: LoraFormat,
     precision: LoraPrecision,
     origin: LoraOrigin | None,
 ) -> Path:
-    """`path`, holding Psi(photo, t): a LoRA file in `format` and `precision` for a LoRA field (labelled with its
+    """`path`, holding Psi(photos, t): a LoRA file in `format` and `precision` for a LoRA field (labelled with its
     `origin`), else the tensors by name in fp32; written atomically."""
     if record.task == "lora":
-        return write_lora(predict_lora(field, record, photo, t), path, format, precision, origin)
-    tensors = {name: w.contiguous() for name, w in predicted_weights(field, photo, t).items()}
-    header = {"format": "pt", **prediction_metadata(record, t, photo)}
+        return write_lora(predict_lora(field, record, photos, t), path, format, precision, origin)
+    tensors = {name: w.contiguous() for name, w in predicted_weights(field, photos, t).items()}
+    header = {"format": "pt", **prediction_metadata(record, t, photos)}
     return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
 
 
-def export_photo(
+def export_photos(
     field: HyperField,
     record: FieldRecord,
-    photo_path: Path,
+    photos: PhotoSet,
     out: Path,
     t: float,
     format: LoraFormat = "diffusers",
     precision: LoraPrecision = "fp16",
 ) -> Path:
-    """The file `out` holding Psi(photo, t) (in `format` and `precision` for a LoRA field), written atomically."""
+    """The file `out` holding Psi(photos, t) (in `format` and `precision` for a LoRA field), written atomically."""
     out = Path(out)
     if out.is_dir():
         raise UserError(
@@ -65,9 +67,8 @@ def export_photo(
             "or export a folder of photos into it"
         )
     origin = lora_origin(record)
-    photo = read_photo(photo_path, record.resolution)
     writable_folder(out.parent)
-    return write_prediction(field, record, photo, t, out, format, precision, origin)
+    return write_prediction(field, record, photos, t, out, format, precision, origin)
 
 
 def export_folder(
@@ -81,28 +82,28 @@ def export_folder(
     warn: Callable[[str], None] | None = None,
     on_file: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
-    """The files written into folder `out`, one per usable photo under `folder`, named by the photo's path there;
-    `on_file(done, total)` after each."""
-    out = Path(out)
+    """The files written into folder `out`, one per subject under `folder` (a sub-folder, or a photo beside them),
+    named by the sub-folder's name or the photo's path there; `on_file(done, total)` after each."""
+    out, folder = Path(out), Path(folder)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' is a file; a folder of photos is exported into a folder, one file per photo")
     origin = lora_origin(record)
-    records = scan_image_folder(Path(folder), warn=warn).records
-    targets: dict[Path, Path] = {}
-    for image in records:
-        name = out / image.path.relative_to(folder).with_suffix(SUFFIX)
-        if name in targets.values():
-            other = next(photo for photo, target in targets.items() if target == name)
+    subjects = group_subjects(folder, scan_image_folder(folder, warn=warn).records, warn)
+    targets: dict[Path, Subject] = {}
+    for subject in subjects:
+        loose = subject.records[0].path.relative_to(folder).as_posix() == subject.name
+        name = out / (Path(subject.name).with_suffix(SUFFIX) if loose else f"{subject.name}{SUFFIX}")
+        if name in targets:
             raise UserError(
-                f"photos '{other}' and '{image.path}' would both be exported to '{name}'; rename one of them"
+                f"subjects '{targets[name].name}' and '{subject.name}' of '{folder}' would both be exported to "
+                f"'{name}'; rename one of them"
             )
-        targets[image.path] = name
+        targets[name] = subject
     writable_folder(out)
     written = []
-    for photo, name in targets.items():
-        written.append(
-            write_prediction(field, record, read_photo(photo, record.resolution), t, name, format, precision, origin)
-        )
+    for name, subject in targets.items():
+        photos = read_photos([photo.path for photo in subject.records], record.resolution)
+        written.append(write_prediction(field, record, photos, t, name, format, precision, origin))
         if on_file is not None:
             on_file(len(written), len(targets))
     return written

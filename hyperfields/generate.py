@@ -1,4 +1,5 @@
-"""Images from one photo: the base model personalised by the predicted LoRA, or the image a predicted INR renders.
+"""Images from a subject's photos: the base model personalised by the predicted LoRA, or the image a predicted INR
+renders.
 
 The predicted LoRA goes through a diffusers-format file and `pipe.load_lora_weights`, the same path a user's
 own pipeline takes with an exported file, so what `generate` shows is what an export gives elsewhere.
@@ -26,7 +27,7 @@ from hyperfields.image_files import a1111_parameters, contact_sheet, write_detai
 from hyperfields.lora.formats import write_lora
 from hyperfields.models import load_pipeline
 from hyperfields.predict import (
-    Photo,
+    PhotoSet,
     check_base_model,
     lora_component,
     predict_lora,
@@ -63,11 +64,11 @@ def lora_cache_dir() -> Path:
     return cache_root() / "loras"
 
 
-def cached_lora_file(field: HyperField, record: FieldRecord, photo: Photo, t: float, cache_dir: Path) -> Path:
-    """A diffusers LoRA file of Psi(photo, t), predicted on first use, kept in `cache_dir` under (field, photo, t)."""
-    path = Path(cache_dir) / f"{field_fingerprint(field, record)[:16]}-{photo.sha256[:16]}-t{t:g}.safetensors"
+def cached_lora_file(field: HyperField, record: FieldRecord, photos: PhotoSet, t: float, cache_dir: Path) -> Path:
+    """A diffusers LoRA file of Psi(photos, t), predicted on first use, kept in `cache_dir` under (field, photos, t)."""
+    path = Path(cache_dir) / f"{field_fingerprint(field, record)[:16]}-{photos.sha256[:16]}-t{t:g}.safetensors"
     if not path.is_file():  # written atomically, so a present file is complete
-        write_lora(predict_lora(field, record, photo, t), path, "diffusers")
+        write_lora(predict_lora(field, record, photos, t), path, "diffusers")
     return path
 
 
@@ -159,10 +160,17 @@ def write_image(image: Image.Image, folder: Path, details: dict[str, Any]) -> Pa
     return path
 
 
+def photo_details(photos: PhotoSet) -> dict[str, Any]:
+    """What names the condition photos in a record of generated images: one photo's path and sha256, or each's."""
+    if len(photos.photos) == 1:
+        return {"photo": str(photos.photos[0].path), "photo_sha256": photos.sha256}
+    return {"photos": [str(photo.path) for photo in photos.photos], "photo_sha256": photos.hashes}
+
+
 def generate(
     field: HyperField,
     record: FieldRecord,
-    photo: Photo,
+    photos: PhotoSet,
     prompts: list[str],
     t: float,
     base_model: str,
@@ -170,7 +178,7 @@ def generate(
     cache_dir: Path,
     device: torch.device,
 ) -> tuple[list[list[GeneratedImage]], dict[str, Any]]:
-    """Images of the base model personalised by Psi(photo, t), a row per prompt, and a record of how they were made."""
+    """Images of the base model personalised by Psi(photos, t), a row per prompt, and a record of how they were made."""
     require_task(record, "lora", "generating with a base model")
     transformer = record.task_settings.get("component") == "transformer"
     if transformer and sampling.scheduler is not None:
@@ -182,7 +190,7 @@ def generate(
     half = torch.bfloat16 if transformer else torch.float16
     pipeline = load_pipeline(base_model, half if device.type == "cuda" else torch.float32)
     check_base_model(field, record, getattr(pipeline, lora_component(record, base_model)), base_model)
-    lora_file = cached_lora_file(field, record, photo, t, cache_dir)
+    lora_file = cached_lora_file(field, record, photos, t, cache_dir)
     load_lora(pipeline, lora_file, sampling.lora_scale)
     sampler = use_sampler(pipeline, sampling.scheduler)
     rows = sample(pipeline.to(device), prompts, sampling)
@@ -192,8 +200,7 @@ def generate(
         "steps": field.steps,
         "strength": t / field.steps,
         "base_model": base_model,
-        "photo": str(photo.path),
-        "photo_sha256": photo.sha256,
+        **photo_details(photos),
         "lora_file": str(lora_file),
         **asdict(sampling),
         "scheduler": type(pipeline.scheduler).__name__,
@@ -206,18 +213,18 @@ def generate(
 def render_inr(
     field: HyperField,
     record: FieldRecord,
-    photo: Photo,
+    photos: PhotoSet,
     t: float,
     height: int,
     width: int,
 ) -> tuple[Image.Image, dict[str, Any]]:
-    """The image the coordinate MLP Psi(photo, t) renders at height x width pixels, and a record of how it was made."""
+    """The image the coordinate MLP Psi(photos, t) renders at height x width pixels, and a record of how it was made."""
     require_task(record, "inr", "rendering a predicted image")
     if height < 1 or width < 1:
         raise UserError(f"image size {height} x {width} pixels: height and width must be positive")
     settings = config_from_dict({"inr": record.task_settings["inr"]}, where="the field's inr settings").inr
     task = InrTask(settings, record.resolution)
-    weights = {name: w.unsqueeze(0) for name, w in predicted_weights(field, photo, t).items()}
+    weights = {name: w.unsqueeze(0) for name, w in predicted_weights(field, photos, t).items()}
     with torch.no_grad():
         pixels = task.image(weights, height, width)[0]  # (3, H, W) in [-1, 1]
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -225,8 +232,7 @@ def render_inr(
         "step": t,
         "steps": field.steps,
         "strength": t / field.steps,
-        "photo": str(photo.path),
-        "photo_sha256": photo.sha256,
+        **photo_details(photos),
         "height": height,
         "width": width,
         "hyperfields_version": hyperfields.__version__,

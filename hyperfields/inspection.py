@@ -44,16 +44,16 @@ def inspection_steps(steps: int) -> list[float]:
 
 @torch.no_grad()
 def _outputs(field: HyperField, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Psi(c, t) by name, fp32 on the CPU, at each inspected step t for the condition image `pixels`."""
+    """Psi(c, t) by name, fp32 on the CPU, at each inspected step t for the condition photos `pixels`."""
     device = next(field.parameters()).device
     steps = inspection_steps(field.steps)
-    images = pixels.unsqueeze(0).expand(len(steps), -1, -1, -1).to(device)  # (S, 3, H, W), one per step
+    images = pixels.unsqueeze(0).expand(len(steps), -1, -1, -1, -1).to(device)  # (S, P, 3, H, W), one per step
     outputs = field(t=torch.tensor(steps, device=device), images=images)
     return [{name: w[i].float().cpu() for name, w in outputs.items()} for i in range(len(steps))]
 
 
 def inspect_tensors(field: HyperField, pixels: torch.Tensor) -> list[TensorReport]:
-    """One report per generated tensor for the condition image `pixels` (3, H, W) in [-1, 1]."""
+    """One report per generated tensor for the condition photos `pixels` (P, 3, H, W) in [-1, 1]: a subject's."""
     outputs, steps = _outputs(field, pixels), inspection_steps(field.steps)
     theta0, hyperfan = {name: w.float().cpu() for name, w in field.theta0().items()}, field.init_std()
     return [
@@ -72,7 +72,8 @@ def inspect_tensors(field: HyperField, pixels: torch.Tensor) -> list[TensorRepor
 def inspect_lora_field(
     field: HyperField, record: FieldRecord, denoiser: torch.nn.Module, pixels: torch.Tensor
 ) -> list[TargetReport]:
-    """One report per LoRA target for the condition image `pixels` (3, H, W) in [-1, 1], against the base weights."""
+    """One report per LoRA target for the condition photos `pixels` (P, 3, H, W) in [-1, 1], against the base
+    weights."""
     steps = inspection_steps(field.steps)
     loras = [LoraWeights(out, alpha=float(record.task_settings["alpha"])) for out in _outputs(field, pixels)]
     theta0, hyperfan = field.theta0(), field.init_std()

@@ -1,8 +1,9 @@
-"""Photo to weights to LoRA: the one prediction API of a trained field, used by every command that reads one."""
+"""Photos to weights to LoRA: the one prediction API of a trained field, used by every command that reads one."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 import hyperfields
+from hyperfields.data import scan_image_folder
 from hyperfields.dataset import load_image
 from hyperfields.errors import UserError, error_line
 from hyperfields.field.model import HyperField
@@ -42,6 +44,47 @@ def read_photo(path: Path, resolution: int) -> Photo:
     return Photo(path=path, pixels=pixels, sha256=hashlib.sha256(data).hexdigest())
 
 
+@dataclass
+class PhotoSet:
+    """The photos of one subject the field is conditioned on: one or several, their order of no consequence."""
+
+    photos: list[Photo]
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """(P, 3, R, R) in [-1, 1]."""
+        return torch.stack([photo.pixels for photo in self.photos])
+
+    @property
+    def hashes(self) -> list[str]:
+        """Each photo's sha256, sorted: the same photos in any order are the same set."""
+        return sorted(photo.sha256 for photo in self.photos)
+
+    @property
+    def sha256(self) -> str:
+        """Names the set in caches: a single photo's own sha256, else the sha256 of the sorted hashes."""
+        if len(self.photos) == 1:
+            return self.photos[0].sha256
+        return hashlib.sha256(",".join(self.hashes).encode()).hexdigest()
+
+    def describe(self) -> str:
+        """The photo's path, or the first one's and how many more, for messages."""
+        first = f"'{self.photos[0].path}'"
+        return first if len(self.photos) == 1 else f"{first} and {len(self.photos) - 1} more photo(s)"
+
+
+def read_photos(paths: Sequence[Path], resolution: int) -> PhotoSet:
+    """The photos at `paths` (one subject's), each read as `read_photo` reads it; UserError when there is none."""
+    if not paths:
+        raise UserError("no photo given; a prediction needs at least one photo of the subject")
+    return PhotoSet([read_photo(path, resolution) for path in paths])
+
+
+def read_subject(folder: Path, resolution: int, warn: Callable[[str], None] | None = None) -> PhotoSet:
+    """Every usable photo under `folder`, one subject's; a one-line UserError when it holds none."""
+    return read_photos([record.path for record in scan_image_folder(Path(folder), warn=warn).records], resolution)
+
+
 def resolve_step(steps: int, step: float | None = None, strength: float | None = None) -> float:
     """The trajectory step t in [0, T]: `step`, `strength` * T (0 = theta_0, 1 = T), or T when neither is given."""
     if step is not None and strength is not None:
@@ -64,35 +107,37 @@ def require_task(record: FieldRecord, task: str, what: str) -> None:
 
 
 @torch.no_grad()
-def predicted_weights(field: HyperField, photo: Photo, t: float) -> dict[str, torch.Tensor]:
-    """Psi(photo, t) by name, without batch dimension, in fp32 on the CPU."""
+def predicted_weights(field: HyperField, photos: PhotoSet, t: float) -> dict[str, torch.Tensor]:
+    """Psi(photos, t) by name, without batch dimension, in fp32 on the CPU."""
     device = next(field.parameters()).device
-    weights = field(t=t, images=photo.pixels.unsqueeze(0).to(device))
+    weights = field(t=t, images=photos.pixels.unsqueeze(0).to(device))  # one subject of P photos
     return {name: w[0].float().cpu() for name, w in weights.items()}
 
 
-def prediction_metadata(record: FieldRecord, t: float, photo: Photo) -> dict[str, str]:
-    """The provenance written into the header of every file of predicted weights."""
+def prediction_metadata(record: FieldRecord, t: float, photos: PhotoSet) -> dict[str, str]:
+    """The provenance written into the header of every file of predicted weights: how many photos made it and the
+    sha256 of each (comma-separated, sorted)."""
     metadata = {
         "hyperfields.version": hyperfields.__version__,
         "hyperfields.task": record.task,
         "hyperfields.step": f"{t:g}",
         "hyperfields.steps": str(record.steps),
-        "hyperfields.photo_sha256": photo.sha256,
+        "hyperfields.photos": str(len(photos.photos)),
+        "hyperfields.photo_sha256": ",".join(photos.hashes),
     }
     if record.task == "lora":
         metadata["hyperfields.base_model"] = str(record.task_settings["base_model"])
     return metadata
 
 
-def predict_lora(field: HyperField, record: FieldRecord, photo: Photo, t: float) -> LoraWeights:
-    """Psi(photo, t) as a LoRA with the field's trained alpha and provenance, on the CPU."""
+def predict_lora(field: HyperField, record: FieldRecord, photos: PhotoSet, t: float) -> LoraWeights:
+    """Psi(photos, t) as a LoRA with the field's trained alpha and provenance, on the CPU."""
     require_task(record, "lora", "a LoRA")
     settings = record.task_settings
     return LoraWeights(
-        tensors=predicted_weights(field, photo, t),
+        tensors=predicted_weights(field, photos, t),
         alpha=float(settings["alpha"]),
-        metadata=prediction_metadata(record, t, photo),
+        metadata=prediction_metadata(record, t, photos),
         sdxl_layers_per_block=settings.get("sdxl_layers_per_block"),
         component=str(settings.get("component", "unet")),
     )

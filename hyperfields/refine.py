@@ -1,4 +1,4 @@
-"""Refine a predicted LoRA: continue the real per-subject optimisation from Psi(photo, T) for a few steps.
+"""Refine a predicted LoRA: continue the real per-subject optimisation from Psi(photos, T) for a few steps.
 
 The update is the field's own (its recorded rule u, step size eta and step cap), not a fresh optimiser: the field
 models exactly that trajectory, so refining N steps continues it to step T + N with no new hyperparameters to
@@ -18,10 +18,11 @@ from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
 from hyperfields.lora.formats import LoraWeights
 from hyperfields.lora.rank import with_rank
-from hyperfields.predict import Photo, check_base_model, lora_component, predict_lora, require_task
+from hyperfields.predict import PhotoSet, check_base_model, lora_component, predict_lora, require_task
 from hyperfields.streams import stream
 from hyperfields.tasks import build_lora_task
 from hyperfields.tasks.base import Task, Weights
+from hyperfields.tasks.subject import PhotoSets, SubjectTask
 from hyperfields.trajectory import real_trajectory
 
 
@@ -30,7 +31,7 @@ class Refinement:
     """The refined LoRA and the task loss before and after, on the same fixed evaluation draws."""
 
     lora: LoraWeights
-    loss_predicted: float  # the field's prediction Psi(photo, T) at its own rank
+    loss_predicted: float  # the field's prediction Psi(photos, T) at its own rank
     loss_refined: float
 
 
@@ -56,7 +57,7 @@ def optimised(
 def refine(
     field: HyperField,
     record: FieldRecord,
-    photo: Photo,
+    photos: PhotoSet,
     steps: int,
     base_model: str,
     rank: int | None = None,
@@ -65,18 +66,21 @@ def refine(
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> Refinement:
-    """Psi(photo, T) refined by `steps` real updates of the field's rule (at `rank` when given), with its losses."""
+    """Psi(photos, T) refined by `steps` real updates of the field's rule (at `rank` when given) on the loss over all
+    the photos, with its losses."""
     require_task(record, "lora", "refining a LoRA")
     objective = config_from_dict(record.config, where="the field's config.json").objective
     device = next(field.parameters()).device
     lora_component(record, base_model)
-    predicted = predict_lora(field, record, photo, float(field.steps))
+    predicted = predict_lora(field, record, photos, float(field.steps))
     start = predicted if rank is None or rank == predicted.rank else with_rank(predicted, rank)
     # with_rank keeps the scale, so one task (one scale) scores the prediction and the refined LoRA alike.
-    task = build_lora_task(base_model, LoraConfig(targets=start.targets, rank=start.rank, alpha=start.alpha), device)
+    lora = LoraConfig(targets=start.targets, rank=start.rank, alpha=start.alpha)
+    task = SubjectTask(build_lora_task(base_model, lora, device))
     check_base_model(field, record, task.denoiser, base_model)
     caption = caption if caption is not None else record.caption_template.format(token=record.token)
-    inputs = task.prepare(photo.pixels.unsqueeze(0).to(device), [caption])
+    count = len(photos.photos)
+    inputs = PhotoSets(task.prepare(photos.pixels.to(device), [caption] * count), count)
 
     def evaluation_loss(weights: Weights) -> float:
         with torch.no_grad():

@@ -27,7 +27,7 @@ from hyperfields.field.model import HyperField  # noqa: E402
 from hyperfields.field.record import FieldRecord  # noqa: E402
 from hyperfields.lora.formats import write_lora  # noqa: E402
 from hyperfields.models import load_encoder  # noqa: E402
-from hyperfields.predict import predict_lora, read_photo  # noqa: E402
+from hyperfields.predict import predict_lora, read_photos  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,10 +89,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         photo_path = Path(scratch) / "photo.png"
         Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)).save(photo_path)
-        photo = read_photo(photo_path, record.resolution)
+        photo = read_photos([photo_path], record.resolution)
         lora = predict_lora(field, record, photo, float(field.steps))
         timings = {
-            "read photo": median_seconds(lambda: read_photo(photo_path, record.resolution), args.runs, device),
+            "read photo": median_seconds(lambda: read_photos([photo_path], record.resolution), args.runs, device),
             "predict LoRA": median_seconds(
                 lambda: predict_lora(field, record, photo, float(field.steps)), args.runs, device
             ),

@@ -21,7 +21,7 @@ from hyperfields.field.record import FieldRecord
 from hyperfields.generate import cached_lora_file
 from hyperfields.models import load_encoder
 from hyperfields.models.tiny import tiny_models_dir
-from hyperfields.predict import read_photo
+from hyperfields.predict import read_photos
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
@@ -120,12 +120,12 @@ def test_strength_zero_is_the_base_model(trained, tmp_path):
 
 def test_predicted_loras_are_cached_per_field_photo_and_step(trained, tmp_path):
     field, record = load_field(trained.field)
-    photo = read_photo(trained.photo, 64)
+    photo = read_photos([trained.photo], 64)
     first = cached_lora_file(field, record, photo, 6.0, tmp_path)
     stamp = first.stat().st_mtime_ns
     assert cached_lora_file(field, record, photo, 6.0, tmp_path) == first and first.stat().st_mtime_ns == stamp
     other_step = cached_lora_file(field, record, photo, 3.0, tmp_path)
-    other_photo = cached_lora_file(field, record, read_photo(trained.photos / "p1.png", 64), 6.0, tmp_path)
+    other_photo = cached_lora_file(field, record, read_photos([trained.photos / "p1.png"], 64), 6.0, tmp_path)
     with torch.no_grad():
         next(iter(field.heads.values())).bias.add_(1.0)  # a retrained field
     retrained = cached_lora_file(field, record, photo, 6.0, tmp_path)

@@ -129,7 +129,7 @@ def test_inspect_reports_every_target_with_zero_update_at_t0(trained):
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in result.output and "hyperfan" in result.output
     field, record = load_field(trained.field)
     unet = load_pipeline_components("tiny").unet
-    reports = inspect_lora_field(field, record, unet, read_photo(trained.photo, 64).pixels)
+    reports = inspect_lora_field(field, record, unet, read_photo(trained.photo, 64).pixels.unsqueeze(0))
     assert len(reports) == 48
     for report in reports:
         assert report.relative_update[0.0] == 0.0 < report.relative_update[3.0] < report.relative_update[6.0]

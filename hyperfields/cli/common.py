@@ -51,7 +51,16 @@ EncoderOption = Annotated[
 FieldOption = Annotated[
     str, typer.Option("--field", "-f", help="Field folder (the field/ written by 'hyperfields train') or hub model id.")
 ]
-PhotoOption = Annotated[Path, typer.Option("--image", "-i", help="The subject's photo (jpg, png, webp, bmp).")]
+PhotoOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--image", "-i", help="A photo of the subject (jpg, png, webp, bmp); repeat it for several photos of one."
+    ),
+]
+SubjectOption = Annotated[
+    Path | None,
+    typer.Option("--subject", help="A folder of one subject's photos (searched recursively): all of them are used."),
+]
 StepOption = Annotated[
     float | None,
     typer.Option("--step", help="Trajectory step t in [0, T] to predict; default T, the end of the trajectory."),
@@ -121,6 +130,26 @@ def training_photos(ctx: typer.Context) -> Path:
     if not images.is_dir():
         raise UserError(f"--images '{images}' is not a folder of images")
     return images
+
+
+def subject_photos(images: list[Path] | None, subject: Path | None, resolution: int, required: bool = True) -> Any:
+    """The PhotoSet of --image (repeated) or of the folder --subject; None when neither is given and not `required`.
+
+    A UserError when both are given, when --subject is not a folder, or when neither is given and one is required.
+    """
+    from hyperfields.predict import read_photos, read_subject
+
+    if images and subject is not None:
+        raise UserError("give --image PHOTO (repeatable) or --subject DIR, not both")
+    if subject is not None:
+        if not subject.is_dir():
+            raise UserError(f"--subject '{subject}' is not a folder of photos")
+        return read_subject(subject, resolution, warn=lambda message: typer.echo(message, err=True))
+    if images:
+        return read_photos(images, resolution)
+    if required:
+        raise UserError("missing option --image (or --subject DIR)")
+    return None
 
 
 def _shown_name(parameter: Any) -> str:

@@ -14,9 +14,11 @@ from hyperfields.cli.common import (
     FormerOutOption,
     PhotoOption,
     StepOption,
+    SubjectOption,
     refuse_lora_options,
     renamed,
     reports_errors,
+    subject_photos,
 )
 from hyperfields.errors import UserError
 
@@ -69,7 +71,8 @@ LORA_OPTIONS = [
 def generate_command(
     ctx: typer.Context,
     field: FieldOption,
-    image: PhotoOption,
+    image: PhotoOption = None,
+    subject: SubjectOption = None,
     output: OutputOption = None,
     prompt: PromptOption = None,
     negative_prompt: NegativePromptOption = "",
@@ -95,7 +98,8 @@ def generate_command(
     cache_dir: CacheDirOption = None,
     out: FormerOutOption = None,
 ) -> None:
-    """Personalise the base model by the field's LoRA for a photo at step t and sample; inr fields render an image."""
+    """Personalise the base model by the field's LoRA for a subject's photos at step t and sample; inr fields render an
+    image."""
     output = renamed(ctx, "output", "out")
     if step is not None and strength is not None:
         raise UserError("give --step or --strength, not both")
@@ -103,17 +107,17 @@ def generate_command(
     from hyperfields.field.io import load_field
     from hyperfields.files import writable_folder
     from hyperfields.generate import Sampling, generate, lora_cache_dir, render_inr, write_image, write_images
-    from hyperfields.predict import read_photo, resolve_step
+    from hyperfields.predict import resolve_step
 
     chosen = resolve_device(device)
     loaded, record = load_field(field, device=chosen)
     refuse_lora_options(ctx, record.task, LORA_OPTIONS)
-    photo = read_photo(image, record.resolution)
+    photos = subject_photos(image, subject, record.resolution)
     t = resolve_step(record.steps, step, strength)
     if record.task != "lora":
         folder = writable_folder(output)  # after the quick checks, so bad input leaves no folder
         size = (height or record.resolution, width or record.resolution)
-        rendered, details = render_inr(loaded, record, photo, t, *size)
+        rendered, details = render_inr(loaded, record, photos, t, *size)
         written = write_image(rendered, folder, {"field": field, **details})
         typer.echo(f"wrote '{written}' ({rendered.width} x {rendered.height} pixels; t = {t:g} of T = {record.steps})")
         return
@@ -132,7 +136,7 @@ def generate_command(
     )
     folder = writable_folder(output)  # after the quick checks, so bad input leaves no folder; before the slow sampling
     base = base_model or record.task_settings["base_model"]
-    rows, details = generate(loaded, record, photo, prompt, t, base, sampling, cache_dir or lora_cache_dir(), chosen)
+    rows, details = generate(loaded, record, photos, prompt, t, base, sampling, cache_dir or lora_cache_dir(), chosen)
     written = write_images(rows, folder, {"field": field, **details})
     images = f"{len(written) - 1} image{'s' if len(written) != 2 else ''}"
     typer.echo(f"wrote {images} and contact_sheet.png to '{folder}' (t = {t:g} of T = {record.steps})")

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
-from hyperfields.cli.common import BaseModelOption, DeviceOption, FieldOption, refuse_lora_options, reports_errors
+from hyperfields.cli.common import (
+    BaseModelOption,
+    DeviceOption,
+    FieldOption,
+    PhotoOption,
+    SubjectOption,
+    refuse_lora_options,
+    reports_errors,
+    subject_photos,
+)
 
 
 @reports_errors
 def inspect_command(
     ctx: typer.Context,
     field: FieldOption,
-    image: Annotated[
-        Path | None, typer.Option("--image", "-i", help="Condition photo; default a mid-grey image.")
-    ] = None,
+    image: PhotoOption = None,
+    subject: SubjectOption = None,
     base_model: BaseModelOption = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -29,14 +34,15 @@ def inspect_command(
     from hyperfields.field.io import load_field
     from hyperfields.inspection import inspect_lora_field, inspect_tensors, inspection_steps
     from hyperfields.models import load_denoiser
-    from hyperfields.predict import check_base_model, lora_component, read_photo
+    from hyperfields.predict import check_base_model, lora_component
 
     loaded, record = load_field(field, device=resolve_device(device))
     refuse_lora_options(ctx, record.task, ["base_model"])
     side = record.resolution
-    pixels = read_photo(image, side).pixels if image is not None else torch.zeros(3, side, side)
+    photos = subject_photos(image, subject, side, required=False)
+    pixels = photos.pixels if photos is not None else torch.zeros(1, 3, side, side)  # (P, 3, H, W)
     steps = inspection_steps(record.steps)
-    condition = f"photo '{image}'" if image is not None else "a mid-grey image"
+    condition = f"photo {photos.describe()}" if photos is not None else "a mid-grey image"
     if record.task == "lora":
         base = base_model or record.task_settings["base_model"]
         lora_component(record, base)

@@ -14,8 +14,10 @@ from hyperfields.cli.common import (
     FormerOutOption,
     LoraFormatOption,
     PhotoOption,
+    SubjectOption,
     renamed,
     reports_errors,
+    subject_photos,
 )
 from hyperfields.errors import UserError
 
@@ -24,7 +26,8 @@ from hyperfields.errors import UserError
 def refine_command(
     ctx: typer.Context,
     field: FieldOption,
-    image: PhotoOption,
+    image: PhotoOption = None,
+    subject: SubjectOption = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The .safetensors LoRA file to write. Required.")
     ] = None,
@@ -47,26 +50,26 @@ def refine_command(
     out: FormerOutOption = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, hidden=True)] = None,
 ) -> None:
-    """Continue the per-subject optimisation from the field's prediction for a photo, and write the LoRA."""
+    """Continue the per-subject optimisation on a subject's photos from the field's prediction, and write the LoRA."""
     output = renamed(ctx, "output", "out")
     updates = renamed(ctx, "updates", "steps", required=False)
     from hyperfields.devices import resolve_device
     from hyperfields.field.io import load_field
     from hyperfields.files import writable_folder
     from hyperfields.lora.formats import write_lora
-    from hyperfields.predict import lora_origin, read_photo, require_task
+    from hyperfields.predict import lora_origin, require_task
     from hyperfields.refine import refine
 
     if output.is_dir():
         raise UserError(f"--output '{output}' is a folder; give the path of the .safetensors file to write")
     loaded, record = load_field(field, device=resolve_device(device))
     require_task(record, "lora", "refine")
-    photo = read_photo(image, record.resolution)
+    photos = subject_photos(image, subject, record.resolution)
     base = base_model or record.task_settings["base_model"]
     writable_folder(output.parent)  # after the quick checks, so bad input leaves no folder; before the slow refinement
     with typer.progressbar(length=updates, label="refining") as bar:
         result = refine(
-            loaded, record, photo, updates, base, rank=rank, caption=caption, on_step=lambda k: bar.update(1)
+            loaded, record, photos, updates, base, rank=rank, caption=caption, on_step=lambda k: bar.update(1)
         )
     write_lora(result.lora, output, format, origin=lora_origin(record, base))
     typer.echo(
