@@ -132,24 +132,24 @@ def training_photos(ctx: typer.Context) -> Path:
     return images
 
 
-def subject_photos(images: list[Path] | None, subject: Path | None, resolution: int, required: bool = True) -> Any:
-    """The PhotoSet of --image (repeated) or of the folder --subject; None when neither is given and not `required`.
-
-    A UserError when both are given, when --subject is not a folder, or when neither is given and one is required.
-    """
-    from hyperfields.predict import read_photos, read_subject
-
+def check_photo_options(images: list[Path] | None, subject: Path | None, required: bool = True) -> None:
+    """Nothing when --image (repeated) or --subject names a subject's photos, or neither and none is `required`; else
+    a UserError, before any model is loaded."""
     if images and subject is not None:
         raise UserError("give --image PHOTO (repeatable) or --subject DIR, not both")
-    if subject is not None:
-        if not subject.is_dir():
-            raise UserError(f"--subject '{subject}' is not a folder of photos")
-        return read_subject(subject, resolution, warn=lambda message: typer.echo(message, err=True))
-    if images:
-        return read_photos(images, resolution)
-    if required:
+    if subject is not None and not subject.is_dir():
+        raise UserError(f"--subject '{subject}' is not a folder of photos")
+    if required and not images and subject is None:
         raise UserError("missing option --image (or --subject DIR)")
-    return None
+
+
+def subject_photos(images: list[Path] | None, subject: Path | None, resolution: int) -> Any:
+    """The PhotoSet of --image (repeated) or of the folder --subject (checked by `check_photo_options`); else None."""
+    from hyperfields.predict import read_photos, read_subject
+
+    if subject is not None:
+        return read_subject(subject, resolution, warn=lambda message: typer.echo(message, err=True))
+    return read_photos(images, resolution) if images else None
 
 
 def _shown_name(parameter: Any) -> str:

@@ -16,6 +16,7 @@ from hyperfields.cli.common import (
     PhotoOption,
     StepOption,
     SubjectOption,
+    check_photo_options,
     note,
     refuse_lora_options,
     renamed,
@@ -68,6 +69,7 @@ def export_command(
     output = renamed(ctx, "output", "out")
     if sum([bool(image), subject is not None, images is not None]) != 1:
         raise UserError("give exactly one of --image PHOTO (repeatable), --subject DIR or --images DIR")
+    check_photo_options(image, subject, required=images is None)
     from hyperfields.devices import resolve_device
     from hyperfields.export import export_folder, export_photos
     from hyperfields.field.io import load_field

@@ -15,6 +15,7 @@ from hyperfields.cli.common import (
     PhotoOption,
     StepOption,
     SubjectOption,
+    check_photo_options,
     refuse_lora_options,
     renamed,
     reports_errors,
@@ -101,6 +102,7 @@ def generate_command(
     """Personalise the base model by the field's LoRA for a subject's photos at step t and sample; inr fields render an
     image."""
     output = renamed(ctx, "output", "out")
+    check_photo_options(image, subject)
     if step is not None and strength is not None:
         raise UserError("give --step or --strength, not both")
     from hyperfields.devices import resolve_device

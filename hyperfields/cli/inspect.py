@@ -10,6 +10,7 @@ from hyperfields.cli.common import (
     FieldOption,
     PhotoOption,
     SubjectOption,
+    check_photo_options,
     refuse_lora_options,
     reports_errors,
     subject_photos,
@@ -26,6 +27,7 @@ def inspect_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Show the generated std against the hyperfan target and the update size at t = 0, T/2, T, per target or tensor."""
+    check_photo_options(image, subject, required=False)
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -39,7 +41,7 @@ def inspect_command(
     loaded, record = load_field(field, device=resolve_device(device))
     refuse_lora_options(ctx, record.task, ["base_model"])
     side = record.resolution
-    photos = subject_photos(image, subject, side, required=False)
+    photos = subject_photos(image, subject, side)
     pixels = photos.pixels if photos is not None else torch.zeros(1, 3, side, side)  # (P, 3, H, W)
     steps = inspection_steps(record.steps)
     condition = f"photo {photos.describe()}" if photos is not None else "a mid-grey image"

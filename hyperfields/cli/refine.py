@@ -15,6 +15,7 @@ from hyperfields.cli.common import (
     LoraFormatOption,
     PhotoOption,
     SubjectOption,
+    check_photo_options,
     renamed,
     reports_errors,
     subject_photos,
@@ -52,6 +53,7 @@ def refine_command(
 ) -> None:
     """Continue the per-subject optimisation on a subject's photos from the field's prediction, and write the LoRA."""
     output = renamed(ctx, "output", "out")
+    check_photo_options(image, subject)
     updates = renamed(ctx, "updates", "steps", required=False)
     from hyperfields.devices import resolve_device
     from hyperfields.field.io import load_field
