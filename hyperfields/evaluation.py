@@ -126,8 +126,11 @@ def field_losses(
     seed: int,
     steps: int,
     group: int = 0,
+    photo_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-condition loss (N,) of the field's Psi(c, T), on the draws `heldout_reference` scored `group` on."""
+    """Per-condition loss (N,) of the field's Psi(c, T), on the draws `heldout_reference` scored `group` on; the
+    conditions are images (N, 3, H, W) or subjects of P photos (N, P, 3, H, W) with `photo_mask` (N, P)."""
     with torch.no_grad():
-        predicted = field(t=torch.full((images.shape[0],), float(steps), device=images.device), images=images)
+        t = torch.full((images.shape[0],), float(steps), device=images.device)
+        predicted = field(t=t, images=images, photo_mask=photo_mask)
     return heldout_losses(task, predicted, inputs, draws, seed, group)

@@ -26,7 +26,7 @@ from hyperfields.field.record import FieldRecord
 from hyperfields.manifest import MANIFEST_NAME, scan_with_manifest
 from hyperfields.models import load_encoder
 from hyperfields.precompute import load_precomputed
-from hyperfields.subjects import group_subjects
+from hyperfields.subjects import Subject, group_subjects
 from hyperfields.tasks import build_task
 from hyperfields.tasks.base import Task, Weights
 from hyperfields.tasks.subject import SubjectTask
@@ -54,6 +54,7 @@ class TrainingRun:
     dataset: ImageCaptionDataset  # the training images
     subjects: list[list[int]]  # each training subject's images, as indices into dataset
     heldout: ImageCaptionDataset  # the held-out images, scored by evaluation
+    heldout_subjects: list[list[int]]  # each held-out subject's images, as indices into heldout
     conditions: Conditions  # training image indices -> (field inputs, task inputs), computed
     cache: ConditionCache | None  # the same, kept per image in memory or on disk (train.cache); None: "none"
     theta_T: Weights | None  # objective.kind=supervised: precomputed theta_T, row i for dataset[i]
@@ -104,9 +105,9 @@ def load_images(
     data_dir: Path,
     output: Path,
     accelerator: Accelerator,
-) -> tuple[ImageCaptionDataset, list[list[int]], ImageCaptionDataset]:
-    """The training images of `data_dir`, each training subject's indices among them, and the held-out subjects'
-    images; each skipped file named once."""
+) -> tuple[ImageCaptionDataset, list[list[int]], ImageCaptionDataset, list[list[int]]]:
+    """The training images of `data_dir` and each training subject's indices among them; the same for the held-out
+    subjects. Each skipped file is named once."""
     # Decoded once by the main process into the run folder's manifest; the others and resumed runs reuse it.
     report, _ = scan_with_manifest(
         data_dir,
@@ -125,18 +126,21 @@ def load_images(
         f"data: {len(report.records)} usable images{of_subjects} in '{data_dir}', {len(report.skipped)} skipped",
     )
     train_subjects, heldout_subjects = split_heldout(subjects, config.train.heldout, config.train.seed)
-    train_records = [record for subject in train_subjects for record in subject.records]
-    starts = itertools.accumulate((len(subject.records) for subject in train_subjects), initial=0)
-    indices = [list(range(start, start + len(subject.records))) for start, subject in zip(starts, train_subjects)]
     # A condition cache reads each training image once: keeping its pixels too would grow with the folder.
     keep_decoded = config.train.cache == "none"
     return (
-        ImageCaptionDataset(train_records, config.model.resolution, keep_decoded=keep_decoded),
-        indices,
-        ImageCaptionDataset(
-            [record for subject in heldout_subjects for record in subject.records], config.model.resolution
-        ),
+        *_images_of(train_subjects, config.model.resolution, keep_decoded),
+        *_images_of(heldout_subjects, config.model.resolution, True),
     )
+
+
+def _images_of(
+    subjects: list[Subject], resolution: int, keep_decoded: bool
+) -> tuple[ImageCaptionDataset, list[list[int]]]:
+    """The photos of `subjects` one after another, and each subject's indices among them."""
+    dataset = ImageCaptionDataset([r for s in subjects for r in s.records], resolution, keep_decoded=keep_decoded)
+    starts = itertools.accumulate((len(subject.records) for subject in subjects), initial=0)
+    return dataset, [list(range(start, start + len(subject.records))) for start, subject in zip(starts, subjects)]
 
 
 def build_field(config: Config, task: Task) -> HyperField:
@@ -178,13 +182,13 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
     """The accelerator, images, task, field, optimiser, schedule, EMA and conditions of a run writing to `output`."""
     train, objective = config.train, config.objective
     accelerator = make_accelerator(config, output)
-    dataset, subjects, heldout = load_images(config, data_dir, output, accelerator)
+    dataset, subjects, heldout, heldout_subjects = load_images(config, data_dir, output, accelerator)
     if train.sampling == "shard" and len(subjects) < accelerator.num_processes:
         raise UserError(
             f"config key 'train.sampling': shard sampling needs a training subject per process, and there are "
             f"{len(subjects)} for {accelerator.num_processes} processes; use train.sampling=global"
         )
-    several = max(len(photos) for photos in subjects) > 1
+    several = max(len(photos) for photos in subjects + heldout_subjects) > 1
     if several and objective.kind == "supervised":
         raise UserError(
             f"config key 'objective.kind': supervised regression learns one photo's precomputed weights, and "
@@ -238,6 +242,7 @@ def build_run(config: Config, data_dir: Path, output: Path) -> TrainingRun:
         dataset,
         subjects,
         heldout,
+        heldout_subjects,
         conditions,
         cache,
         theta_T,

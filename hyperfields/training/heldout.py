@@ -1,5 +1,6 @@
 """Held-out evaluation of a run: the reference read from the run folder or computed across the processes, the field
-scored by each process on its share of the held-out photos, and R reported by the main process."""
+scored by each process on its share of the held-out subjects (each photo its own in a flat folder; all its photos
+together in a folder of subjects), and R reported by the main process."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.progress import Progress
 
 from hyperfields.evaluation import HeldoutReference, HeldoutReport, field_losses, heldout_reference
 from hyperfields.references import REFERENCE_NAME, heldout_group, photo_digest, reference_key, shared_reference
+from hyperfields.tasks.subject import PhotoSets
 from hyperfields.training.build import TrainingRun, warn_on_main
 from hyperfields.training.logs import print0
 
@@ -20,10 +22,11 @@ from hyperfields.training.logs import print0
 class HeldoutShare:
     """This process's share of the held-out photos, prepared once, and every held-out photo's reference losses."""
 
-    rows: list[int]  # which held-out photos: heldout_group of this process
-    images: torch.Tensor | None  # (n, 3, H, W) on the device; None when the share is empty
-    inputs: Any  # the task's prepared inputs of `images`
-    loss_theta0: torch.Tensor  # (N,) of every held-out photo, in photo order
+    rows: list[int]  # which held-out subjects: heldout_group of this process
+    images: torch.Tensor | None  # (n, 3, H, W), or (n, P, 3, H, W) for subjects of P photos; None for no share
+    photo_mask: torch.Tensor | None  # (n, P) where the subjects have different numbers of photos
+    inputs: Any  # the task's prepared inputs of `images` (PhotoSets for subjects of several photos)
+    loss_theta0: torch.Tensor  # (N,) of every held-out subject, in subject order
     loss_real: torch.Tensor  # (N,)
 
 
@@ -36,8 +39,9 @@ def run_reference_key(run: TrainingRun) -> dict[str, Any]:
         "resolution": config.model.resolution,
         "dtype": config.train.frozen_dtype,
     }
+    digests = [photo_digest(record.path, record.caption) for record in run.heldout.records]
     return reference_key(
-        [photo_digest(record.path, record.caption) for record in run.heldout.records],
+        ["+".join(digests[i] for i in photos) for photos in run.heldout_subjects],
         identity,
         config.objective,
         config.train.eval_draws,
@@ -47,17 +51,34 @@ def run_reference_key(run: TrainingRun) -> dict[str, Any]:
     )
 
 
+def subject_conditions(run: TrainingRun, subjects: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, PhotoSets]:
+    """Held-out subjects of several photos as the field and the task see them: every photo of each, (n, P, 3, H, W)
+    with the mask of present photos, and the loss over as many photos as the largest subject has, a smaller one's
+    photos taken in turn."""
+    device, largest = run.accelerator.device, max(len(photos) for photos in subjects)
+    items = {i: run.heldout[i] for photos in subjects for i in photos}
+    pixels = {i: item["pixel_values"].to(device) for i, item in items.items()}
+    images = torch.stack([torch.stack([pixels[p[k % len(p)]] for k in range(largest)]) for p in subjects])
+    mask = torch.tensor([[k < len(p) for k in range(largest)] for p in subjects], device=device)
+    rows = [p[k % len(p)] for p in subjects for k in range(largest)]
+    inputs = run.task.prepare(images.flatten(0, 1), [items[i]["caption"] for i in rows])
+    return images, mask, PhotoSets(inputs, largest)
+
+
 def heldout_share(run: TrainingRun, bars: Progress) -> HeldoutShare:
     """This process's held-out photos, prepared, and the reference losses of all, read or computed (see
     hyperfields.references) with a bar among `bars`."""
     accelerator, config = run.accelerator, run.config
     process = accelerator.process_index
-    rows = heldout_group(len(run.heldout), process, accelerator.num_processes)
-    images, inputs = None, None
-    if rows:
-        items = [run.heldout[i] for i in rows]
+    subjects = run.heldout_subjects
+    rows = heldout_group(len(subjects), process, accelerator.num_processes)
+    images, mask, inputs = None, None, None
+    if rows and max(len(photos) for photos in subjects) == 1:  # one photo per subject: scored as it always was
+        items = [run.heldout[subjects[i][0]] for i in rows]
         images = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
         inputs = run.task.prepare(images, [item["caption"] for item in items])
+    elif rows:
+        images, mask, inputs = subject_conditions(run, [subjects[i] for i in rows])
 
     def compute(_: list[int]) -> HeldoutReference:  # this process's rows, as above
         draws, seed = config.train.eval_draws, config.train.seed + 99
@@ -73,8 +94,8 @@ def heldout_share(run: TrainingRun, bars: Progress) -> HeldoutShare:
         store, run_reference_key(run), process, compute, accelerator.wait_for_everyone, warn_on_main(accelerator)
     )
     if reused:
-        print0(accelerator, f"held-out: reference of {len(run.heldout)} images read from '{store}'")
-    return HeldoutShare(rows, images, inputs, loss_theta0, loss_real)
+        print0(accelerator, f"held-out: reference of {len(subjects)} subjects read from '{store}'")
+    return HeldoutShare(rows, images, mask, inputs, loss_theta0, loss_real)
 
 
 class HeldoutEvaluation:
@@ -89,7 +110,7 @@ class HeldoutEvaluation:
     def __call__(self, step: int) -> float | None:
         run = self.run
         accelerator, config = run.accelerator, run.config
-        if not len(run.heldout):
+        if not run.heldout_subjects:
             return None
         if self.share is None:
             self.share = heldout_share(run, self.bars)
@@ -107,13 +128,14 @@ class HeldoutEvaluation:
                 config.train.seed + 99,
                 config.objective.steps,
                 group=accelerator.process_index,
+                photo_mask=share.photo_mask,
             )
             field.train()
             mine = list(zip(share.rows, losses.cpu()))
-        scored = dict(gather_object(mine))  # every held-out photo's loss at the field, by photo
+        scored = dict(gather_object(mine))  # every held-out subject's loss at the field, by subject
         recovered = None
         if accelerator.is_main_process:
-            at_field = torch.stack([scored[row] for row in range(len(run.heldout))])
+            at_field = torch.stack([scored[row] for row in range(len(run.heldout_subjects))])
             report = HeldoutReport.from_losses(run.task, share.loss_theta0, share.loss_real, at_field)
             recovered = report.recovered
             print0(accelerator, f"step {step}: {report.summary()}")
