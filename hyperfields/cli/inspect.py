@@ -26,7 +26,10 @@ def inspect_command(
     base_model: BaseModelOption = None,
     device: DeviceOption = "auto",
 ) -> None:
-    """Show the generated std against the hyperfan target and the update size at t = 0, T/2, T, per target or tensor."""
+    """Show the generated std against the hyperfan target and the update size at t = 0, T/2, T, per target or tensor.
+
+    The condition is the subject's photos (--image, --subject), or a mid-grey image without them.
+    """
     check_photo_options(image, subject, required=False)
     import torch
     from rich.console import Console

@@ -29,6 +29,8 @@ class SubjectTask:
         self.task = task
 
     def __getattr__(self, name: str) -> Any:
+        if name == "task":  # not set yet (a copy being made): never look it up on itself
+            raise AttributeError(name)
         return getattr(self.task, name)
 
     def loss(self, weights: Weights, inputs: Any, draws: int, generator: torch.Generator) -> torch.Tensor:
