@@ -20,7 +20,7 @@ from hyperfields.errors import UserError
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
 from hyperfields.models import PipelineParts
-from hyperfields.predict import Photo, predicted_weights
+from hyperfields.predict import Photo, PhotoSet, predicted_weights
 from hyperfields.refine import optimised
 from hyperfields.streams import stream
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
@@ -98,13 +98,13 @@ class Personaliser:
             return None, 0.0
         steps = self.field.steps
         if arm.kind == "field":
-            weights = predicted_weights(self.field, photo, arm.t)
+            weights = predicted_weights(self.field, PhotoSet([photo]), arm.t)
         else:
             inputs = self.task.prepare(photo.pixels.unsqueeze(0).to(self.task.device), [self.caption])
             # Each subject and arm draws its own noise, the same on every run.
             generator = stream(self.seed, arm.kind, index=subject, device=self.task.device)
             if arm.kind == "refine":
-                start = predicted_weights(self.field, photo, float(steps))
+                start = predicted_weights(self.field, PhotoSet([photo]), float(steps))
                 weights = optimised(self.task, start, inputs, self.objective, int(arm.t) - steps, generator)
             elif arm.kind == "optimise":
                 weights = optimised(self.task, self.task.initial_weights(), inputs, self.objective, steps, generator)
