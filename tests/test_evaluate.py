@@ -18,7 +18,7 @@ from hyperfields.config import config_from_dict
 from hyperfields.evaluate.arms import Arm, Personaliser
 from hyperfields.field.io import load_field
 from hyperfields.models import load_pipeline_components, resolve_model_path
-from hyperfields.predict import predicted_weights, read_photo
+from hyperfields.predict import PhotoSet, predicted_weights, read_photo
 from hyperfields.refine import refine
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
@@ -156,11 +156,11 @@ def test_refine_arm_is_hyperfields_refine_and_optimise_starts_at_the_fields_thet
     objective = config_from_dict(record.config).objective
     personaliser = Personaliser(field, record, load_pipeline_components("tiny"), objective, seed=0)
     refined, _ = personaliser.weights(Arm("refine", record.steps + 2.0, "refine"), photo, subject=0)
-    expected = refine(field, record, photo, 2, "tiny", seed=0).lora.tensors
+    expected = refine(field, record, PhotoSet([photo]), 2, "tiny", seed=0).lora.tensors
     assert refined.keys() == expected.keys()
     assert all(torch.equal(refined[name], expected[name]) for name in expected)
     theta0 = personaliser.task.initial_weights()
-    assert all(torch.equal(theta0[name], w) for name, w in predicted_weights(field, photo, 0.0).items())
+    assert all(torch.equal(theta0[name], w) for name, w in predicted_weights(field, PhotoSet([photo]), 0.0).items())
 
 
 def test_the_dreambooth_arm_lowers_the_task_loss_from_theta0(trained: TinyField) -> None:
