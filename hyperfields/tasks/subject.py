@@ -39,3 +39,8 @@ class SubjectTask:
         repeated = {name: w.repeat_interleave(inputs.photos, dim=0) for name, w in weights.items()}
         per_photo = self.task.loss(repeated, inputs.inputs, draws, generator)  # (N * photos,)
         return per_photo.view(-1, inputs.photos).mean(dim=1)  # (N,)
+
+
+def base_task(task: Task) -> Task:
+    """The task a SubjectTask wraps, or `task` itself: what code asking for a task's kind should look at."""
+    return task.task if isinstance(task, SubjectTask) else task

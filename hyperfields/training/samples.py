@@ -12,6 +12,7 @@ import torch
 from hyperfields.files import atomic_write
 from hyperfields.image_files import labelled_sheet
 from hyperfields.sampling import Sampling, sample_with_lora, task_pipeline
+from hyperfields.tasks.subject import base_task
 from hyperfields.training.build import TrainingRun
 from hyperfields.training.logs import print0
 
@@ -40,7 +41,7 @@ def write_samples(run: TrainingRun, step: int) -> Path | None:
             prompt if len(prompt) <= LABEL_CHARACTERS else prompt[: LABEL_CHARACTERS - 3] + "..." for prompt in prompts
         ]
         sampling = Sampling(config.train.validation_images, config.train.seed, INFERENCE_STEPS, GUIDANCE_SCALE)
-        pipeline = task_pipeline(run.task, sampling.scheduler)
+        pipeline = task_pipeline(base_task(run.task), sampling.scheduler)
         trackers = [tracker for tracker in accelerator.trackers if tracker.name == "tensorboard"]
         for i in range(len(run.heldout)):
             item = run.heldout[i]
