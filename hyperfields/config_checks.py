@@ -49,10 +49,15 @@ def validate(config: Config) -> None:
         raise UserError(
             f"config key 'field.width': {config.field.width} is not divisible by field.heads={config.field.heads}"
         )
-    if config.objective.momentum > 0 and (config.objective.rollout > 1 or config.objective.hinge_weight > 0):
+    objective = config.objective
+    if objective.momentum > 0 and (
+        objective.rollout > 1 or objective.hinge_weight > 0 or objective.loss != "relative_mse"
+    ):
+        # Each step is fitted to the direction at one earlier point drawn at random: an unbiased target for the
+        # running average under a squared error, not under a loss that normalises each target's length.
         raise UserError(
-            "config key 'objective.momentum': gradient matching with momentum needs objective.rollout=1 and "
-            "objective.hinge_weight=0"
+            "config key 'objective.momentum': gradient matching with momentum needs objective.loss=relative_mse, "
+            "objective.rollout=1 and objective.hinge_weight=0"
         )
     if config.objective.rollout >= config.objective.steps:
         rollout, steps = config.objective.rollout, config.objective.steps

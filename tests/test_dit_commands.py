@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from hyperfields.cli.main import app
 from hyperfields.field.io import load_field
 from hyperfields.models import resolve_model_path
-from hyperfields.predict import predict_lora, read_photo
+from hyperfields.predict import predict_lora, read_photos
 from tests.conftest import clean_exit
 from tests.tiny_field import OVERRIDES, ROOT
 
@@ -93,7 +93,7 @@ def test_diffusers_file_loads_into_the_pipeline_and_fuses_to_the_prediction(trai
     assert header["modelspec.architecture"] == ARCHITECTURES[base_model]
 
     loaded, record = load_field(field)
-    lora = predict_lora(loaded, record, read_photo(photos / "p0.png", record.resolution), float(record.steps))
+    lora = predict_lora(loaded, record, read_photos([photos / "p0.png"], record.resolution), float(record.steps))
     pipeline = DiffusionPipeline.from_pretrained(resolve_model_path(base_model, "pipeline"))
     base = linear_weights(pipeline.transformer)
     pipeline.load_lora_weights(str(out))
@@ -127,7 +127,7 @@ def test_kohya_is_the_original_flux_layout_and_a_one_line_error_for_sd3(trained,
     assert result.exit_code == 0, result.output
     tensors = load_file(str(out))
     loaded, record = load_field(field)
-    lora = predict_lora(loaded, record, read_photo(photos / "p0.png", record.resolution), float(record.steps))
+    lora = predict_lora(loaded, record, read_photos([photos / "p0.png"], record.resolution), float(record.steps))
     # Each fused layer's update, row block by row block, is the update of the diffusers module it holds.
     for target in lora.targets:
         layer, part = original_name(target)

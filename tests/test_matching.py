@@ -203,9 +203,11 @@ def test_matching_with_momentum_follows_the_momentum_path_not_the_plain_one(quad
     images = colour_images(4, seed=1)
     inputs = quadratic_task.prepare(images, [""] * 4)
     theta0 = {n: w.expand(4, *w.shape) for n, w in quadratic_task.initial_weights().items()}
-    objective = ObjectiveConfig(steps=20, step_size=0.3, update="normalized", momentum=0.9, noise_draws=1)
+    objective = ObjectiveConfig(
+        steps=20, step_size=0.3, update="normalized", momentum=0.9, noise_draws=1, loss="relative_mse"
+    )
     momentum_path, _ = real_trajectory(quadratic_task, theta0, inputs, objective, torch.Generator(), 20)
-    plain = ObjectiveConfig(steps=20, step_size=0.3, update="normalized", noise_draws=1)
+    plain = ObjectiveConfig(steps=20, step_size=0.3, update="normalized", noise_draws=1, loss="relative_mse")
     plain_path, _ = real_trajectory(quadratic_task, theta0, inputs, plain, torch.Generator(), 20)
     with_momentum = train_on_quadratic(quadratic_task, images, objective, iterations=600)
     without = train_on_quadratic(quadratic_task, images, plain, iterations=600)
