@@ -13,6 +13,7 @@ from hyperfields.config import LoraConfig
 from hyperfields.errors import UserError
 from hyperfields.lora.batched import BatchedLora
 from hyperfields.lora.formats import BaseModelFamily
+from hyperfields.lora.start import initial_lora_weights, lora_init_std
 from hyperfields.lora.targets import find_lora_targets, lora_layout
 from hyperfields.models import PipelineParts
 from hyperfields.tasks.base import Weights
@@ -81,22 +82,10 @@ class LoraDiffusionTask:
         return dict(self._layout)
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
-        # A_0 as peft initialises lora_A (kaiming-uniform, a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), fixed by a
-        # seed; non-zero so the B gradient is non-zero at t = 0. B_0 = 0 so theta_0 is exactly the base model.
-        generator = torch.Generator().manual_seed(self.config.init_seed)
-        weights = {}
-        for name, shape in self._layout.items():
-            if name.endswith(".lora_A"):
-                bound = shape[1] ** -0.5
-                weights[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-            else:
-                weights[name] = torch.zeros(shape)
-        return weights
+        return initial_lora_weights(self._layout, self.config.init_seed)
 
     def init_std(self) -> dict[str, float]:
-        # Hyperfan: the std of the classical init of each tensor seen as a linear map of its fan-in
-        # (in for A, r for B); FieldConfig.output_gain scales it down to the size of a short trajectory.
-        return {name: (3 * shape[1]) ** -0.5 for name, shape in self._layout.items()}
+        return lora_init_std(self._layout)
 
     @torch.no_grad()
     def prepare(self, images: torch.Tensor, captions: list[str]) -> DiffusionInputs:

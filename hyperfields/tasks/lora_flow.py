@@ -13,6 +13,7 @@ from hyperfields.config import LoraConfig
 from hyperfields.lora import DEFAULT_TARGETS
 from hyperfields.lora.batched import BatchedLora
 from hyperfields.lora.families import BaseModelFamily
+from hyperfields.lora.start import initial_lora_weights, lora_init_std
 from hyperfields.lora.targets import find_lora_targets, lora_layout
 from hyperfields.tasks.base import Weights
 
@@ -122,20 +123,10 @@ class LoraFlowTask:
         return dict(self._layout)
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
-        # As the UNet task: A_0 as peft initialises lora_A (U(-1/sqrt(in), 1/sqrt(in))), fixed by a seed and non-zero
-        # so the B gradient is non-zero at t = 0; B_0 = 0 so theta_0 is exactly the base model.
-        generator = torch.Generator().manual_seed(self.config.init_seed)
-        weights = {}
-        for name, shape in self._layout.items():
-            if name.endswith(".lora_A"):
-                weights[name] = (torch.rand(shape, generator=generator) * 2 - 1) * shape[1] ** -0.5
-            else:
-                weights[name] = torch.zeros(shape)
-        return weights
+        return initial_lora_weights(self._layout, self.config.init_seed)
 
     def init_std(self) -> dict[str, float]:
-        # Hyperfan: the std of the classical init of each tensor seen as a linear map of its fan-in (in for A, r for B).
-        return {name: (3 * shape[1]) ** -0.5 for name, shape in self._layout.items()}
+        return lora_init_std(self._layout)
 
     @torch.no_grad()
     def prepare(self, images: torch.Tensor, captions: list[str]) -> FlowInputs:
