@@ -18,7 +18,7 @@ from hyperfields.field.io import load_field
 from hyperfields.models import resolve_model_path
 from hyperfields.predict import predict_lora, read_photos
 from tests.conftest import clean_exit
-from tests.tiny_field import OVERRIDES, ROOT
+from tests.tiny_field import OVERRIDES, ROOT, write_random_photos
 
 runner = CliRunner()
 ARCHITECTURES = {"tiny-flux": "flux-1-dev/lora", "tiny-sd3": "stable-diffusion-3-5-medium/lora"}
@@ -26,11 +26,7 @@ ARCHITECTURES = {"tiny-flux": "flux-1-dev/lora", "tiny-sd3": "stable-diffusion-3
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray((rng.random((48, 56, 3)) * 255).astype(np.uint8)).save(folder / f"p{i}.png")
-    return folder
+    return write_random_photos(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))

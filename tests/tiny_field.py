@@ -42,6 +42,15 @@ class TinyField:
     photo: Path  # one photo of it
 
 
+def write_random_photos(folder: Path) -> Path:
+    """Four seeded random 48 x 56 photos p0.png ... p3.png in `folder` (made if absent)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((48, 56, 3)) * 255).astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
 def tiny_field(tmp_path_factory) -> TinyField:
     """The shared tiny field, trained for one step on four random photos the first time a test asks for it."""
     root = tmp_path_factory.getbasetemp() / "tiny-field"
@@ -49,10 +58,7 @@ def tiny_field(tmp_path_factory) -> TinyField:
     trained = TinyField(field=root / "run" / "field", photos=photos, photo=photos / "p0.png")
     if (trained.field / "config.json").is_file():
         return trained
-    photos.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray((rng.random((48, 56, 3)) * 255).astype(np.uint8)).save(photos / f"p{i}.png")
+    write_random_photos(photos)
     result = CliRunner().invoke(
         app,
         [
