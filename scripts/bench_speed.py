@@ -1,16 +1,20 @@
-"""Time one gradient-matching step against one plain LoRA training step (peft) on the same UNet, batch and precision.
+"""Time one gradient-matching step against one plain LoRA training step (peft) on the same denoiser, batch and
+precision.
 
 Presets:
   tiny   the built-in tiny pipeline (configs/tiny.yaml); latents and text embeddings from its VAE and text encoder
   sd15   the SD 1.5 UNet and a DINOv2-base encoder built from their public configs with random weights, 512 px
   sdxl   the SDXL base UNet likewise, 1024 px; pooled text and size ids as added conditions
-For sd15/sdxl the field, LoRA and training settings come from configs/<preset>.yaml (--set overrides them) and
+  flux   the FLUX.1-dev transformer likewise (configs/flux-dev.yaml), 512 px; the flow-matching task's loss
+  sd35   the SD 3.5 Medium transformer likewise (configs/sd35-medium.yaml), 1024 px
+For the real models the field, LoRA and training settings come from the preset's config (--set overrides them) and
 random latents and text embeddings stand in for the VAE and text encoders: both steps run on cached inputs, as
 `train.cache` makes training do, so the frozen image encoder is not in the step either (its cost per image
 is reported as encoder_ms). Both steps see one noise draw per sample (--draws changes the field's), the same
 gradient checkpointing setting and the optimiser step; the two are timed alternately and the medians compared.
 
---quick: a reduced size for CPUs (sd15 at 128 px, sdxl at 256 px, batch 1, 3 timed steps, one CPU thread); under 2
+--quick: a reduced size for CPUs (sd15, flux and sd35 at 128 px, sdxl at 256 px, batch 1, 3 timed steps, one CPU
+thread; FLUX with 2 double- and 4 single-stream blocks of 6 heads, SD 3.5 with 4 blocks of 12 heads); under 2
 minutes for sd15.
 JSON keys: gm_step_s, lora_step_s, ratio, samples_per_s, peak_mem_gb, predict_ms, and their settings.
 Usage: python scripts/bench_speed.py --preset sd15 --quick --device cpu --json speed.json
@@ -19,12 +23,11 @@ Usage: python scripts/bench_speed.py --preset sd15 --quick --device cpu --json s
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import itertools
 import json
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,17 +39,18 @@ import torch  # noqa: E402
 from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import inject_adapter_in_model  # noqa: E402
 
-from hyperfields.config import Config, load_config  # noqa: E402
+from hyperfields.config import load_config  # noqa: E402
 from hyperfields.field.encoder import ImageEncoder  # noqa: E402
 from hyperfields.field.model import HyperField  # noqa: E402
-from hyperfields.models import PipelineParts, load_encoder, load_pipeline_components  # noqa: E402
-from hyperfields.models.architectures import UNETS, build_dinov2_base, build_unet  # noqa: E402
 from hyperfields.objectives import gradient_matching_loss  # noqa: E402
-from hyperfields.tasks.lora_diffusion import DiffusionInputs, LoraDiffusionTask  # noqa: E402
+from hyperfields.training.build import field_optimizer as make_field_optimizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_models import TRANSFORMER_PRESETS, build_bench  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ("tiny", "sd15", "sdxl")
-QUICK_RESOLUTION = {"tiny": 64, "sd15": 128, "sdxl": 256}
+PRESETS = ("tiny", "sd15", "sdxl", "flux", "sd35")
+QUICK_RESOLUTION = {"tiny": 64, "sd15": 128, "sdxl": 256, "flux": 128, "sd35": 128}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -72,39 +76,6 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
-
-
-def build_real(preset: str, config: Config, batch: int, resolution: int, dtype: torch.dtype, device: torch.device):
-    """The real-size UNet as PipelineParts, a DINOv2-base encoder, and random cached inputs of the right shapes."""
-    from diffusers import DDPMScheduler
-
-    unet = build_unet(preset, dtype=dtype, device=device)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
-    parts = PipelineParts(unet=unet, vae=None, text_encoder=None, tokenizer=None, noise_scheduler=scheduler)
-    encoder_model, norm = build_dinov2_base(dtype)
-    _, text = UNETS[preset]
-    g = torch.Generator().manual_seed(0)
-    inputs = DiffusionInputs(
-        latents=torch.randn(batch, 4, resolution // 8, resolution // 8, generator=g).to(device),
-        text_embeddings=torch.randn(batch, text.length, text.width, generator=g).to(device, dtype),
-    )
-    if text.pooled is not None:
-        inputs.pooled_text_embeddings = torch.randn(batch, text.pooled, generator=g).to(device, dtype)
-        inputs.time_ids = (
-            torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device).float().expand(batch, 6)
-        )
-    return parts, (encoder_model, norm), inputs
-
-
-def build_tiny(config: Config, batch: int, resolution: int, dtype: torch.dtype, device: torch.device):
-    parts = load_pipeline_components(config.model.base_model, dtype)
-    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
-        if module is not None:
-            module.to(device)
-    images = torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-    return parts, load_encoder(config.model.encoder, dtype), images
 
 
 def main() -> None:
@@ -136,7 +107,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
-    config = load_config(CONFIGS / f"{args.preset}.yaml", args.overrides)
+    config = load_config(CONFIGS / f"{TRANSFORMER_PRESETS.get(args.preset, args.preset)}.yaml", args.overrides)
     batch = args.batch or (1 if args.quick else config.train.batch_size)
     resolution = args.resolution or (QUICK_RESOLUTION[args.preset] if args.quick else config.model.resolution)
     precision = args.precision or (config.train.frozen_dtype if device.type == "cuda" else "fp32")
@@ -151,19 +122,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     started = time.perf_counter()
-    if args.preset == "tiny":
-        parts, (encoder_model, norm), images = build_tiny(config, batch, resolution, dtype, device)
-    else:
-        parts, (encoder_model, norm), inputs = build_real(args.preset, config, batch, resolution, dtype, device)
-        images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
-    unet = parts.unet
-    # The plain-LoRA UNet: a second module tree over the same weight tensors, so both fit in memory once.
-    shared = {id(t): t for t in itertools.chain(unet.parameters(), unet.buffers())}
-    plain_unet = copy.deepcopy(unet, memo=shared)
-
-    task = LoraDiffusionTask(parts, config.lora, gradient_checkpointing=checkpointing)
-    if args.preset == "tiny":
-        inputs = task.prepare(images, ["a photo of sks"] * batch)
+    bench = build_bench(args.preset, config, batch, resolution, dtype, device, args.quick)
+    task, inputs, images, (encoder_model, norm) = bench.task, bench.inputs, bench.images, bench.encoder
     field = HyperField(
         ImageEncoder(encoder_model, norm),
         task.layout(),
@@ -173,7 +133,7 @@ def main() -> None:
         **dataclasses.asdict(config.field),
     ).to(device)
     field_parameters = [p for p in field.parameters() if p.requires_grad]
-    field_optimizer = torch.optim.AdamW(field_parameters, lr=config.train.learning_rate)
+    field_optimizer = make_field_optimizer(field_parameters, config.train, device)  # the one training builds
     objective = dataclasses.replace(config.objective, noise_draws=args.draws)
     with torch.no_grad():
         tokens = field.encoder(images)  # cached once, as train.cache does
@@ -188,29 +148,22 @@ def main() -> None:
         field_optimizer.zero_grad(set_to_none=True)
 
     # The reference: one shared LoRA on the same layers, trained with peft as diffusers' LoRA scripts do
-    # (fp32 LoRA weights under autocast when the frozen UNet is in half precision).
+    # (fp32 LoRA weights under autocast when the frozen denoiser is in half precision).
     lora = config.lora
-    inject_adapter_in_model(PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=task.targets), plain_unet)
-    lora_parameters = [p for n, p in plain_unet.named_parameters() if "lora_" in n]
+    inject_adapter_in_model(
+        PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=task.targets), bench.plain
+    )
+    lora_parameters = [p for n, p in bench.plain.named_parameters() if "lora_" in n]
     for p in lora_parameters:
         p.data = p.data.float()
     if checkpointing:
-        plain_unet.enable_gradient_checkpointing()
+        bench.plain.enable_gradient_checkpointing()
     lora_optimizer = torch.optim.AdamW(lora_parameters, lr=config.train.learning_rate)
-    scheduler = parts.noise_scheduler
-    added = None
-    if inputs.pooled_text_embeddings is not None:
-        added = {"text_embeds": inputs.pooled_text_embeddings.to(dtype), "time_ids": inputs.time_ids.to(dtype)}
 
     def lora_step() -> None:
-        noise = torch.randn(inputs.latents.shape, generator=generator, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
-        noisy = scheduler.add_noise(inputs.latents, noise, timesteps)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = plain_unet(
-                noisy.to(dtype), timesteps, inputs.text_embeddings.to(dtype), added_cond_kwargs=added
-            ).sample
-        torch.nn.functional.mse_loss(prediction.float(), noise).backward()
+            loss = bench.plain_loss(generator)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(lora_parameters, config.train.max_grad_norm)
         lora_optimizer.step()
         lora_optimizer.zero_grad(set_to_none=True)

@@ -230,26 +230,66 @@ def test_a_transformer_field_on_a_unet_base_is_a_one_line_error(trained, photos,
         assert f"trained for base model '{base_model}', a LoRA of its transformer, and does not fit" in result.output
 
 
-def test_training_samples_on_flux_and_evaluate_refusing_transformer_fields(photos, tmp_path):
+@pytest.mark.parametrize("base_model", sorted(ARCHITECTURES))
+def test_training_samples_and_evaluate_every_arm(base_model, photos, tmp_path):
     output = tmp_path / "run"
     result = runner.invoke(
         app,
         [
             "train",
             *("--config", str(ROOT / "configs" / "tiny.yaml"), "--images", str(photos), "--output", str(output)),
-            *("--set", "model.base_model=tiny-flux", *OVERRIDES[:-1], "1", "--set", "train.heldout=1"),
+            *("--set", f"model.base_model={base_model}", *OVERRIDES[:-1], "1", "--set", "train.heldout=1"),
             *("--set", "train.validation_prompts=['a photo of {token}']", "--set", "train.validation_images=1"),
         ],
     )
     assert result.exit_code == 0, result.output
     (grid,) = (output / "samples" / "step-1").glob("*.png")
     assert Image.open(grid).width > 0
+    subjects = tmp_path / "subjects"
+    subjects.mkdir()
+    (subjects / "p0.png").write_bytes((photos / "p0.png").read_bytes())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token} {class}\n{token} {class} on a beach\n", encoding="utf-8")
+    evaluation = tmp_path / "e"
     result = runner.invoke(
         app,
         [
-            *("evaluate", "--field", str(output / "field"), "--images", str(photos), "--output", str(tmp_path / "e")),
-            *("--dino-model", "tiny", "--clip-model", "tiny", "--face-model", "tiny"),
+            *("evaluate", "--field", str(output / "field"), "--images", str(subjects), "--output", str(evaluation)),
+            *("--prompts", str(prompts), "--class-noun", "dog", "--arms", "base,field,refine,optimise,dreambooth"),
+            *("--step", "0", "--refine-updates", "2", "--dreambooth-steps", "2", "--dreambooth-lr", "1e-2"),
+            *(
+                "--num-images",
+                "1",
+                "--num-inference-steps",
+                "2",
+                "--guidance-scale",
+                "3.5",
+                "--height",
+                "64",
+                "--width",
+                "64",
+            ),
+            *("--dino-model", "tiny", "--clip-model", "tiny", "--face-model", "tiny", "--device", "cpu"),
         ],
     )
-    assert result.exit_code == 2 and clean_exit(result)
-    assert "evaluate scores fields of UNet bases" in result.output
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((evaluation / "metrics.json").read_text(encoding="utf-8"))
+    labels = ["base", "field", "field t=0", "refine", "optimise", "dreambooth"]
+    assert list(metrics["arms"]) == labels and all(f"| {label} |" in result.stdout for label in labels)
+    assert metrics["base_model"] == base_model
+    assert metrics["sampling"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    for row in metrics["arms"].values():
+        assert row["images"] == 2  # one photo x two prompts x one image
+        for score in ("dino", "clip_i", "clip_t", "face"):
+            assert -1.0 <= row[score]["mean"] <= 1.0
+    assert (evaluation / "metrics.md").is_file() and (evaluation / "sheets" / "000-p0.png").is_file()
+
+    def pixels(label: str) -> list[np.ndarray]:
+        paths = [image["path"] for image in metrics["images"] if image["label"] == label]
+        return [np.asarray(Image.open(evaluation / path)) for path in paths]
+
+    base = pixels("base")
+    assert all(image.shape == (64, 64, 3) for image in base)
+    assert all(np.array_equal(a, b) for a, b in zip(base, pixels("field t=0")))  # Psi(c, 0) = theta_0: B = 0
+    for label in ("optimise", "dreambooth"):
+        assert not all(np.array_equal(a, b) for a, b in zip(base, pixels(label))), label

@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
 from hyperfields.config import config_from_dict
-from hyperfields.evaluate.arms import Arm, Personaliser
+from hyperfields.evaluate.arms import Arm, Personaliser, field_lora
 from hyperfields.field.io import load_field
-from hyperfields.models import load_pipeline_components, resolve_model_path
+from hyperfields.models import resolve_model_path
 from hyperfields.predict import PhotoSet, predicted_weights, read_photo
 from hyperfields.refine import refine
+from hyperfields.tasks import build_lora_task
 from tests.conftest import clean_exit
 from tests.tiny_field import TinyField, tiny_field
 
@@ -150,11 +151,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, trained: Tin
     assert sorted(tmp_path.rglob("*")) == before  # no output folder, no staging folder left behind
 
 
+def tiny_task(record):
+    return build_lora_task("tiny", field_lora(record), torch.device("cpu"))
+
+
 def test_refine_arm_is_hyperfields_refine_and_optimise_starts_at_the_fields_theta0(trained: TinyField) -> None:
     field, record = load_field(str(trained.field))
     photo = read_photo(trained.photo, record.resolution)
     objective = config_from_dict(record.config).objective
-    personaliser = Personaliser(field, record, load_pipeline_components("tiny"), objective, seed=0)
+    personaliser = Personaliser(field, record, tiny_task(record), objective, seed=0)
     refined, _ = personaliser.weights(Arm("refine", record.steps + 2.0, "refine"), photo, subject=0)
     expected = refine(field, record, PhotoSet([photo]), 2, "tiny", seed=0).lora.tensors
     assert refined.keys() == expected.keys()
@@ -167,7 +172,7 @@ def test_the_dreambooth_arm_lowers_the_task_loss_from_theta0(trained: TinyField)
     field, record = load_field(str(trained.field))
     photo = read_photo(trained.photo, record.resolution)
     objective = config_from_dict(record.config).objective
-    personaliser = Personaliser(field, record, load_pipeline_components("tiny"), objective, seed=0, dreambooth_lr=1e-2)
+    personaliser = Personaliser(field, record, tiny_task(record), objective, seed=0, dreambooth_lr=1e-2)
     trained_lora, _ = personaliser.weights(Arm("dreambooth", 8.0, "dreambooth"), photo, subject=0)
     task = personaliser.task
     inputs = task.prepare(photo.pixels.unsqueeze(0), ["a photo of sks"])

@@ -84,6 +84,8 @@ TrainingImagesOption = Annotated[
 ]
 
 # Former names, accepted for one release: hidden from --help, resolved by `renamed`, which prints the note.
+HeightOption = Annotated[int | None, typer.Option("--height", min=1, help="Image height; default the model's own.")]
+WidthOption = Annotated[int | None, typer.Option("--width", min=1, help="Image width; default the model's own.")]
 FormerOutOption = Annotated[Path | None, typer.Option("--out", hidden=True)]
 FormerDataOption = Annotated[Path | None, typer.Option("--data", "-d", hidden=True)]
 

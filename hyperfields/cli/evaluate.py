@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from hyperfields.cli.common import BaseModelOption, DeviceOption, FieldOption, reports_errors
+from hyperfields.cli.common import (
+    BaseModelOption,
+    DeviceOption,
+    FieldOption,
+    HeightOption,
+    WidthOption,
+    reports_errors,
+)
 from hyperfields.errors import UserError
 
 
@@ -65,8 +72,13 @@ def evaluate_command(
     ] = 0,
     num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", min=1, help="Sampler steps.")] = 30,
     guidance_scale: Annotated[
-        float, typer.Option("--guidance-scale", min=0.0, help="Classifier-free guidance scale.")
+        float,
+        typer.Option(
+            "--guidance-scale", min=0.0, help="Classifier-free guidance scale; FLUX.1-dev's distilled guidance."
+        ),
     ] = 7.5,
+    height: HeightOption = None,
+    width: WidthOption = None,
     base_model: BaseModelOption = None,
     dino_model: Annotated[
         str,
@@ -118,7 +130,7 @@ def evaluate_command(
         token=record.token,
         class_noun=class_noun,
         arms=rows,
-        sampling=Sampling(num_images, seed, num_inference_steps, guidance_scale),
+        sampling=Sampling(num_images, seed, num_inference_steps, guidance_scale, height, width),
     )
     base = base_model or record.task_settings["base_model"]
     details = {

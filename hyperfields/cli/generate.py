@@ -12,9 +12,11 @@ from hyperfields.cli.common import (
     DeviceOption,
     FieldOption,
     FormerOutOption,
+    HeightOption,
     PhotoOption,
     StepOption,
     SubjectOption,
+    WidthOption,
     check_photo_options,
     refuse_lora_options,
     renamed,
@@ -28,8 +30,6 @@ OutputOption = Annotated[
     typer.Option("--output", "-o", help="Folder for the PNGs, contact sheet and generation.json. Required."),
 ]
 PromptOption = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Text prompt; repeatable.")]
-HeightOption = Annotated[int | None, typer.Option("--height", min=1, help="Image height; default the model's own.")]
-WidthOption = Annotated[int | None, typer.Option("--width", min=1, help="Image width; default the model's own.")]
 CacheDirOption = Annotated[
     Path | None,
     typer.Option(

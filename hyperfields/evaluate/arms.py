@@ -19,11 +19,11 @@ from hyperfields.config import LoraConfig, ObjectiveConfig
 from hyperfields.errors import UserError
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
-from hyperfields.models import PipelineParts
 from hyperfields.predict import Photo, PhotoSet, predicted_weights
 from hyperfields.refine import optimised
 from hyperfields.streams import stream
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
+from hyperfields.tasks.lora_flow import LoraFlowTask
 
 ARMS = ("base", "field", "refine", "optimise", "dreambooth")
 
@@ -68,27 +68,32 @@ def arm_rows(
     return rows
 
 
+def field_lora(record: FieldRecord) -> LoraConfig:
+    """The LoRA a field predicts, as a task's settings: its targets, rank, alpha and A_0 seed."""
+    first_a = next(name for name in record.layout if name.endswith(".lora_A"))
+    return LoraConfig(
+        targets=[name.removesuffix(".lora_A") for name in record.layout if name.endswith(".lora_A")],
+        rank=record.layout[first_a][0],
+        alpha=float(record.task_settings["alpha"]),
+        init_seed=int(record.task_settings.get("init_seed", 0)),
+    )
+
+
 class Personaliser:
-    """The LoRA each arm makes for a subject, on the frozen models of `parts` (on the field's device)."""
+    """The LoRA each arm makes for a subject, on the frozen models of `task` (a UNet's or a FLUX.1 / SD 3.x
+    transformer's LoRA task of `field_lora(record)`, on the field's device)."""
 
     def __init__(
         self,
         field: HyperField,
         record: FieldRecord,
-        parts: PipelineParts,
+        task: LoraDiffusionTask | LoraFlowTask,
         objective: ObjectiveConfig,
         seed: int,
         dreambooth_lr: float = 1e-4,
     ) -> None:
-        first_a = next(name for name in record.layout if name.endswith(".lora_A"))
-        lora = LoraConfig(
-            targets=[name.removesuffix(".lora_A") for name in record.layout if name.endswith(".lora_A")],
-            rank=record.layout[first_a][0],
-            alpha=float(record.task_settings["alpha"]),
-            init_seed=int(record.task_settings.get("init_seed", 0)),
-        )
         self.field, self.objective, self.seed, self.dreambooth_lr = field, objective, seed, dreambooth_lr
-        self.task = LoraDiffusionTask(parts, lora)
+        self.task = task
         self.caption = record.caption_template.format(token=record.token)
 
     def weights(self, arm: Arm, photo: Photo, subject: int) -> tuple[dict[str, torch.Tensor] | None, float]:
@@ -115,7 +120,8 @@ class Personaliser:
         return weights, time.perf_counter() - started
 
     def _adamw(self, inputs: Any, steps: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        # DreamBooth-LoRA as diffusers' script trains it: AdamW (weight decay 1e-2) on the noise-prediction loss,
+        # DreamBooth-LoRA as diffusers' scripts train it: AdamW (weight decay 1e-2) on the base's own loss (noise
+        # prediction, or FLUX.1's / SD 3.x's flow matching),
         # from peft's init (theta_0), drawing the field's noise_draws noises and timesteps per step.
         device = self.task.device
         weights = {name: w[None].to(device).clone().requires_grad_() for name, w in self.task.initial_weights().items()}

@@ -11,16 +11,16 @@ from typing import Any
 import hyperfields
 from hyperfields.config import config_from_dict
 from hyperfields.errors import UserError
-from hyperfields.evaluate.arms import Personaliser
+from hyperfields.evaluate.arms import Personaliser, field_lora
 from hyperfields.evaluate.metrics import Scorers
 from hyperfields.evaluate.report import write_report
 from hyperfields.evaluate.run import Plan, run_evaluation
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
 from hyperfields.files import write_folder
-from hyperfields.models import load_pipeline_components
 from hyperfields.predict import check_base_model, lora_component
-from hyperfields.sampling import pipeline_from_parts
+from hyperfields.sampling import task_pipeline
+from hyperfields.tasks import build_lora_task
 
 METRICS_NAME = "metrics.json"
 
@@ -51,13 +51,13 @@ def write_evaluation(
     metrics.md. `details` (e.g. where the field and prompts came from) go into metrics.json as they are."""
     check_output_folder(output)
     objective = config_from_dict(record.config, where="the field's config.json").objective
-    if lora_component(record, base_model) != "unet":
-        raise UserError("evaluate scores fields of UNet bases (SD 1.x/2.x, SDXL) only, not of FLUX.1 or SD 3.x yet")
-    parts = load_pipeline_components(base_model)
-    parts.to(next(field.parameters()).device)
-    check_base_model(field, record, parts.unet, base_model)
-    personaliser = Personaliser(field, record, parts, objective, seed, dreambooth_lr)
-    pipeline = pipeline_from_parts(parts, plan.sampling.scheduler)
+    lora_component(record, base_model)
+    # One copy of the base model in fp32, shared by every arm: a UNet's pipeline sampling with DPM-Solver++, or the
+    # FLUX.1 / SD 3.x pipeline with its own flow-matching scheduler.
+    task = build_lora_task(base_model, field_lora(record), next(field.parameters()).device)
+    check_base_model(field, record, task.denoiser, base_model)
+    personaliser = Personaliser(field, record, task, objective, seed, dreambooth_lr)
+    pipeline = task_pipeline(task, plan.sampling.scheduler)
     recorded = {
         **(details or {}),
         "base_model": base_model,

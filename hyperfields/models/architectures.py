@@ -91,11 +91,27 @@ SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "sample_size": 128,
 }
 
+# scheduler/scheduler_config.json of each (FlowMatchEulerDiscreteScheduler): FLUX.1-dev shifts sigma by the image's
+# token count, SD 3.5 by a fixed 3.
+FLOW_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "flux-dev": {
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
+    "sd35-medium": {"shift": 3.0},
+}
+
 # The transformer (DiT) bases by name: their diffusers class and config.
 TRANSFORMERS: dict[str, tuple[str, dict[str, Any]]] = {
     "flux-dev": ("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER),
     "sd35-medium": ("SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER),
 }
+# Their pipeline classes and how many text encoders each has.
+_PIPELINES = {"flux-dev": ("FluxPipeline", 2), "sd35-medium": ("StableDiffusion3Pipeline", 3)}
 
 
 @dataclass(frozen=True)
@@ -143,15 +159,45 @@ def build_unet(
     return unet.eval()
 
 
-def build_transformer(name: str, on_meta: bool = False) -> Any:
-    """The frozen, eval-mode transformer of architecture `name` ("flux-dev", "sd35-medium") with random weights."""
+def build_transformer(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    on_meta: bool = False,
+    **changes: Any,
+) -> Any:
+    """The frozen, eval-mode transformer of architecture `name` ("flux-dev", "sd35-medium") with random weights;
+    `changes` replace config values (e.g. fewer blocks for a CPU benchmark)."""
     import diffusers
 
     kind, config = TRANSFORMERS[name]
-    with torch.device("meta" if on_meta else "cpu"):
-        transformer = getattr(diffusers, kind)(**config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype`: building in fp32 and casting would need twice the memory
+    try:
+        with torch.device("meta" if on_meta else device):
+            transformer = getattr(diffusers, kind)(**{**config, **changes})
+    finally:
+        torch.set_default_dtype(default)
     transformer.requires_grad_(False)
     return transformer.eval()
+
+
+def build_transformer_pipeline(
+    name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", **changes: Any
+) -> Any:
+    """The family's diffusers pipeline holding only `build_transformer(name, ...)` and its flow-matching scheduler, no
+    VAE or text encoders: what the flow-matching task needs to train on cached latents and text embeddings."""
+    import diffusers
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULERS[name])
+    transformer = build_transformer(name, dtype, device, **changes)
+    kind, encoders = _PIPELINES[name]
+    absent = {
+        f"{part}{suffix}": None for part in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")[:encoders]
+    }
+    pipeline = getattr(diffusers, kind)(vae=None, **absent, transformer=transformer, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def build_dinov2_base(dtype: torch.dtype = torch.float32) -> Any:

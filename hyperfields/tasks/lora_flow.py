@@ -147,68 +147,96 @@ class LoraFlowTask:
         return FlowInputs(latents=latents.float(), text_embeddings=text, pooled_text_embeddings=pooled)
 
     def loss(self, weights: Weights, inputs: FlowInputs, draws: int, generator: torch.Generator) -> torch.Tensor:
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
-        n = inputs.latents.shape[0]
-        latents = inputs.latents.repeat_interleave(draws, dim=0)  # rows ordered (sample, draw)
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-        u = compute_density_for_timestep_sampling(
-            self.recipe.weighting_scheme,
-            latents.shape[0],
-            logit_mean=_LOGIT_MEAN,
-            logit_std=_LOGIT_STD,
-            mode_scale=_MODE_SCALE,
-            device=generator.device,
-            generator=generator,
-        )
-        indices = (u * self.scheduler.config.num_train_timesteps).long().cpu()
-        timesteps = self.scheduler.timesteps[indices].to(latents.device)
-        sigmas = self.scheduler.sigmas[indices].to(latents.device).view(-1, 1, 1, 1)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise  # rectified flow: x_sigma on the line from x to the noise
         self.lora.set_weights(weights)
         try:
-            prediction = self._predict(noisy, timesteps, inputs, draws).float()
+            return flow_matching_loss(
+                self.transformer, self.family, self.scheduler, inputs, draws, generator, self.pipeline.vae_scale_factor
+            )
         finally:
             self.lora.clear()
-        if self.recipe.precondition_outputs:
-            prediction, target = prediction * -sigmas + noisy, latents
-        else:
-            target = noise - latents
-        weighting = compute_loss_weighting_for_sd3(self.recipe.weighting_scheme, sigmas).float()
-        per_row = (weighting * (prediction - target) ** 2).flatten(1).mean(dim=1)
-        return per_row.view(n, draws).mean(dim=1)  # (N,)
 
-    def _predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: FlowInputs, draws: int) -> torch.Tensor:
-        """The transformer's velocity prediction (N * draws, 16, h, w) for the noisy latents, as the script calls it."""
-        dtype = self.transformer.dtype
-        text = inputs.text_embeddings.repeat_interleave(draws, dim=0).to(dtype)
-        pooled = inputs.pooled_text_embeddings.repeat_interleave(draws, dim=0).to(dtype)
-        if self.family == "sd3":
-            return self.transformer(
-                hidden_states=noisy.to(dtype),
-                timestep=timesteps,
-                encoder_hidden_states=text,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        from diffusers import FluxPipeline
 
-        rows, channels, height, width = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy.to(dtype), rows, channels, height, width)  # (B, hw/4, 4C)
-        image_ids = FluxPipeline._prepare_latent_image_ids(rows, height // 2, width // 2, noisy.device, dtype)
-        text_ids = torch.zeros(text.shape[1], 3, device=noisy.device, dtype=dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((rows,), FLUX_GUIDANCE, device=noisy.device)
-        packed_prediction = self.transformer(
-            hidden_states=packed,
-            timestep=timesteps / 1000,  # the FLUX transformer scales its timestep by 1000 itself
-            guidance=guidance,
-            pooled_projections=pooled,
+def flow_matching_loss(
+    transformer: torch.nn.Module,
+    family: str,
+    scheduler: Any,
+    inputs: FlowInputs,
+    draws: int,
+    generator: torch.Generator,
+    vae_scale_factor: int,
+) -> torch.Tensor:
+    """Per sample (N,): the family script's flow-matching loss of `transformer` (with whatever LoRA it holds) on
+    `draws` noise and sigma draws of each sample, sigma drawn from the training `scheduler`'s sigmas."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    recipe = RECIPES[family]
+    n = inputs.latents.shape[0]
+    latents = inputs.latents.repeat_interleave(draws, dim=0)  # rows ordered (sample, draw)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+    u = compute_density_for_timestep_sampling(
+        recipe.weighting_scheme,
+        latents.shape[0],
+        logit_mean=_LOGIT_MEAN,
+        logit_std=_LOGIT_STD,
+        mode_scale=_MODE_SCALE,
+        device=generator.device,
+        generator=generator,
+    )
+    indices = (u * scheduler.config.num_train_timesteps).long().cpu()
+    timesteps = scheduler.timesteps[indices].to(latents.device)
+    sigmas = scheduler.sigmas[indices].to(latents.device).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise  # rectified flow: x_sigma on the line from x to the noise
+    text = inputs.text_embeddings.repeat_interleave(draws, dim=0)
+    pooled = inputs.pooled_text_embeddings.repeat_interleave(draws, dim=0)
+    prediction = flow_prediction(transformer, family, noisy, timesteps, text, pooled, vae_scale_factor).float()
+    if recipe.precondition_outputs:
+        prediction, target = prediction * -sigmas + noisy, latents
+    else:
+        target = noise - latents
+    weighting = compute_loss_weighting_for_sd3(recipe.weighting_scheme, sigmas).float()
+    per_row = (weighting * (prediction - target) ** 2).flatten(1).mean(dim=1)
+    return per_row.view(n, draws).mean(dim=1)
+
+
+def flow_prediction(
+    transformer: torch.nn.Module,
+    family: str,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: torch.Tensor,
+    pooled: torch.Tensor,
+    vae_scale_factor: int,
+) -> torch.Tensor:
+    """The transformer's velocity prediction (B, 16, h, w) for the noisy latents, as the family's script calls it."""
+    dtype = transformer.dtype
+    text, pooled = text.to(dtype), pooled.to(dtype)
+    if family == "sd3":
+        return transformer(
+            hidden_states=noisy.to(dtype),
+            timestep=timesteps,
             encoder_hidden_states=text,
-            txt_ids=text_ids,
-            img_ids=image_ids,
+            pooled_projections=pooled,
             return_dict=False,
         )[0]
-        vae_scale = 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
-        return FluxPipeline._unpack_latents(packed_prediction, height * vae_scale, width * vae_scale, vae_scale)
+    from diffusers import FluxPipeline
+
+    rows, channels, height, width = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy.to(dtype), rows, channels, height, width)  # (B, hw/4, 4C)
+    image_ids = FluxPipeline._prepare_latent_image_ids(rows, height // 2, width // 2, noisy.device, dtype)
+    text_ids = torch.zeros(text.shape[1], 3, device=noisy.device, dtype=dtype)
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full((rows,), FLUX_GUIDANCE, device=noisy.device)
+    packed_prediction = transformer(
+        hidden_states=packed,
+        timestep=timesteps / 1000,  # the FLUX transformer scales its timestep by 1000 itself
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=text,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    return FluxPipeline._unpack_latents(
+        packed_prediction, height * vae_scale_factor, width * vae_scale_factor, vae_scale_factor
+    )
