@@ -56,6 +56,12 @@ class FieldConfig:
     # Features per image token that reach the step condition flattened, so it sees where things are in the image,
     # not only the tokens' mean; 0 = the mean alone (fields written before this setting existed).
     spatial_rank: int = 16
+    # Time constants tau (in steps) of components of the path that move early and settle, (1 - e^(-t/tau)) normalised
+    # to 1 at T, beside the straight t/T: real optimisation bends, fast at first; [] = t/T alone (older fields).
+    time_constants: list[float] = dc_field(default_factory=list)
+    # One output head per tensor in place of one per shape: width x the adapter's size in parameters, so for small
+    # layouts (image fitting, the tiny models); same-shape tensors otherwise share a head's output subspace.
+    tensor_heads: bool = False
 
 
 @dataclass

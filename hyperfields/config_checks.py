@@ -92,6 +92,9 @@ def validate(config: Config) -> None:
             )
         config.train.cache = "memory"  # the alias resolved once, so only train.cache is ever read
     _validate_samples(config)
+    for tau in config.field.time_constants:
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0 < tau < float("inf"):
+            raise UserError(f"config key 'field.time_constants': each must be a positive number of steps, got {tau!r}")
     if "{token}" not in config.data.caption_template and config.data.caption_template.count("{") > 0:
         template = config.data.caption_template
         raise UserError(

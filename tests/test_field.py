@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from hyperfields.config import ObjectiveConfig
@@ -10,24 +13,54 @@ from hyperfields.objectives import gradient_matching_loss
 from tests.conftest import QuadraticTask, tiny_vit_encoder
 
 
-def big_layout_field() -> tuple[HyperField, dict]:
+PATHS = [{}, {"time_constants": (3.0, 10.0)}, {"tensor_heads": True}]
+
+
+def big_layout_field(**options) -> tuple[HyperField, dict]:
     layout = {f"block{i}.lora_A": (4, 64) for i in range(3)} | {f"block{i}.lora_B": (96, 4) for i in range(3)}
     theta0 = {name: torch.randn(shape) if name.endswith("A") else torch.zeros(shape) for name, shape in layout.items()}
     init_std = {name: (3 * shape[1]) ** -0.5 for name, shape in layout.items()}
     torch.manual_seed(0)
-    return HyperField(tiny_vit_encoder(), layout, theta0, init_std, steps=50, width=64, depth=2, heads=4), theta0
+    field = HyperField(tiny_vit_encoder(), layout, theta0, init_std, steps=50, width=64, depth=2, heads=4, **options)
+    return field, theta0
 
 
-def test_field_at_step_zero_is_exactly_theta0():
-    field, theta0 = big_layout_field()
+@pytest.mark.parametrize("options", PATHS)
+def test_field_at_step_zero_is_exactly_theta0(options):
+    field, theta0 = big_layout_field(**options)
     out = field(t=0, images=torch.rand(3, 3, 16, 16) * 2 - 1)
     for name, weights in out.items():
         assert weights.shape == (3, *theta0[name].shape)
         assert torch.equal(weights, theta0[name].expand_as(weights))
 
 
-def test_generated_variance_at_init_matches_hyperfan_target():
-    field, theta0 = big_layout_field()
+def test_path_components_move_early_and_settle():
+    # b(t) = (1 - e^(-t/tau)) / (1 - e^(-T/tau)): 0 at t = 0, 1 at T, and past half way within a few tau.
+    field, _ = big_layout_field(time_constants=(3.0, 10.0))
+    b = field._path_coefficients(torch.tensor([0.0, 3.0, 50.0]) / 50) * 3**0.5  # undo the 1/sqrt(J) share
+    torch.testing.assert_close(b[:, 0].flatten(), torch.zeros(3))
+    torch.testing.assert_close(b[:, 2].flatten(), torch.ones(3))
+    at_3 = [3 / 50] + [(1 - math.exp(-3 / tau)) / (1 - math.exp(-50 / tau)) for tau in (3.0, 10.0)]
+    torch.testing.assert_close(b[:, 1].flatten(), torch.tensor(at_3))
+    assert at_3[1] > 0.6 and at_3[0] < 0.1
+
+
+def test_tensor_heads_give_same_shape_tensors_their_own_outputs():
+    # With one head per shape, same-shape tensors are read from one subspace; with their own heads, a gradient that
+    # asks one tensor to change leaves the others' heads untouched.
+    field, theta0 = big_layout_field(tensor_heads=True)
+    assert len(field.heads) == 6
+    out = field(t=50, images=torch.rand(2, 3, 16, 16) * 2 - 1)
+    out["block1.lora_B"].sum().backward()
+    touched = {
+        key for key, head in field.heads.items() if head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    }
+    assert touched == {"96x4_4"}
+
+
+@pytest.mark.parametrize("options", PATHS)
+def test_generated_variance_at_init_matches_hyperfan_target(options):
+    field, theta0 = big_layout_field(**options)
     images = torch.rand(8, 3, 16, 16) * 2 - 1
     out = field(t=field.steps, images=images)
     for name, target_std in field.init_std().items():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ def _mean_over_photos(x: torch.Tensor, photo_mask: torch.Tensor | None) -> torch
 
 
 class HyperField(nn.Module):
-    """Psi(c, t) = theta_0 + (t / T) * Delta(c, t), one token per published tensor, one head per shape.
+    """Psi(c, t) = theta_0 + sum_j b_j(t) Delta_j(c, t), b_0 = t/T, tokens per published tensor and component, one head
+    per shape (or per tensor).
 
     Field folders (and the record of how a field was made) are read and written by field/io.py.
     """
@@ -42,6 +44,8 @@ class HyperField(nn.Module):
         mlp_ratio: float = 4.0,
         output_gain: float = 1.0,
         spatial_rank: int = 0,
+        time_constants: Sequence[float] = (),
+        tensor_heads: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -58,13 +62,21 @@ class HyperField(nn.Module):
             self.spatial_down = nn.Linear(width, spatial_rank)
             self.spatial_up = nn.Linear(encoder.num_tokens() * spatial_rank, width)
         self.phase_embed = PhaseEmbedder(width)
-        self.tokens = nn.Parameter(torch.zeros(len(self.names), width))
+        # Psi(c, t) - theta_0 = sum_j b_j(t) Delta_j(c, t): b_0 = t/T, and per time constant tau a component
+        # b(t) = (1 - e^(-t/tau)) / (1 - e^(-T/tau)) that moves early and settles, as optimisation does along each of
+        # its directions. Every component has its own weight tokens, so the path can bend without the transformer
+        # having to make its output turn with t.
+        self.time_constants = [float(tau) for tau in time_constants]
+        self.tokens = nn.Parameter(torch.zeros((1 + len(self.time_constants)) * len(self.names), width))
         self.blocks = nn.ModuleList(FieldBlock(width, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(width)
-        # Tensors of one shape share a head; a fixed per-tensor scale gives each its own init variance.
+        # Tensors of one shape share a head (with tensor_heads, each tensor has its own: width x its size parameters,
+        # for small layouts); a fixed per-tensor scale gives each its own init variance.
+        self.tensor_heads = tensor_heads
         self.groups: dict[str, list[int]] = {}
         for index, name in enumerate(self.names):
-            self.groups.setdefault(_shape_key(self.shapes[name]), []).append(index)
+            key = _shape_key(self.shapes[name]) + (f"_{index}" if tensor_heads else "")
+            self.groups.setdefault(key, []).append(index)
         self.heads = nn.ModuleDict({key: nn.Linear(width, self._numel(key)) for key in self.groups})
         for key, indices in self.groups.items():
             scale = torch.tensor([output_gain * init_std[self.names[i]] for i in indices]).view(1, -1, 1)
@@ -75,7 +87,7 @@ class HyperField(nn.Module):
 
     @staticmethod
     def _numel(key: str) -> int:
-        return int(torch.tensor([int(s) for s in key.split("x")]).prod())
+        return int(torch.tensor([int(s) for s in key.split("_")[0].split("x")]).prod())
 
     def initialize_weights(self) -> None:
         def xavier(module: nn.Module) -> None:
@@ -119,8 +131,8 @@ class HyperField(nn.Module):
     def _delta_by_shape(
         self, image_tokens: torch.Tensor, photo_mask: torch.Tensor | None, t: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Delta(c, t) of each group of same-shape tensors, by shape key: (N * M, n_key, *shape) for t (N, M) and
-        the tokens (N, P, S, D) of P photos per subject."""
+        """Psi(c, t) - theta_0 of each group of tensors, by its key: (N * M, n_key, *shape) for t (N, M) and the tokens
+        (N, P, S, D) of P photos per subject."""
         phase = t.float().reshape(-1) / self.steps  # bounded phase t/T, never raw t; rows ordered (image, step)
         # A subject's photos are a set: the condition is the mean over its photos and cross-attention reads all their
         # tokens side by side, with nothing telling the photos apart, so their order cannot matter.
@@ -134,12 +146,26 @@ class HyperField(nn.Module):
         x = self.tokens.unsqueeze(0).expand(phase.shape[0], -1, -1)  # (N * M, W, D)
         for block in self.blocks:
             x = block(x, image_tokens.view(n, photos * per_photo, -1), cond, padding)
-        x = self.final(x, cond)  # (N * M, W, D)
-        out = {}
+        x = self.final(x, cond)  # (N * M, J * W, D)
+        coefficients = self._path_coefficients(phase)  # (J, N * M, 1, 1)
+        count, out = len(self.names), {}
         for key, indices in self.groups.items():
-            generated = self.heads[key](x[:, indices]) * getattr(self, f"scale_{key}")  # (N * M, n_key, numel)
-            out[key] = generated.view(*generated.shape[:2], *self.shapes[self.names[indices[0]]])
+            shape = self.shapes[self.names[indices[0]]]
+            components = torch.stack([x[:, [j * count + i for i in indices]] for j in range(len(coefficients))])
+            generated = self.heads[key](components) * getattr(self, f"scale_{key}")  # (J, N * M, n_key, numel)
+            displacement = (coefficients * generated).sum(dim=0)
+            out[key] = displacement.view(*displacement.shape[:2], *shape)
         return out
+
+    def _path_coefficients(self, phase: torch.Tensor) -> torch.Tensor:
+        """b_j(t) of every component, (J, N * M, 1, 1) for the phases t/T (N * M,); each component's share of the
+        init variance is 1/J, so Psi(c, T) starts as far from theta_0 whatever J."""
+        coefficients = [phase]
+        for tau in self.time_constants:
+            ratio = self.steps / tau
+            coefficients.append(-torch.expm1(-phase * ratio) / -math.expm1(-ratio))
+        stacked = torch.stack(coefficients).view(len(coefficients), -1, 1, 1)
+        return stacked if len(coefficients) == 1 else stacked / len(coefficients) ** 0.5
 
     def _by_name(self, by_shape: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # unbind, not one index per tensor: its backward is one stack, where per-tensor selects would each
@@ -181,9 +207,8 @@ class HyperField(nn.Module):
         theta0 = self.theta0()
         psi = {}
         # Per shape group, not per tensor: a few ops whatever the number of LoRA layers.
-        for key, delta in self._delta_by_shape(image_tokens, photo_mask, t).items():
+        for key, displacement in self._delta_by_shape(image_tokens, photo_mask, t).items():
             start = torch.stack([theta0[self.names[i]] for i in self.groups[key]])  # (n_key, *shape)
-            phase = (t.reshape(-1) / self.steps).view(-1, *([1] * (delta.ndim - 1)))
-            psi[key] = start + phase * delta
+            psi[key] = start + displacement
         by_name = self._by_name(psi)  # each (N * M, *shape)
         return {name: w.view(n, t.shape[1], *w.shape[1:]) for name, w in by_name.items()} if several else by_name
