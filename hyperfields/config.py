@@ -72,9 +72,6 @@ class ObjectiveConfig:
     steps: int = 50  # T: length of the per-subject optimisation the field models
     step_size: float = 0.05  # eta of the per-subject update
     update: Literal["sgd", "normalized", "sign"] = "normalized"  # update rule u
-    # eta over the steps: "constant", or "cosine", eta (1 + cos(pi (k + 1/2) / T)) at step k, which starts at 2 eta and
-    # decays to 0 at T over the same path length: the real path settles instead of zig-zagging late.
-    step_schedule: Literal["constant", "cosine"] = "constant"
     rollout: int = 1  # K: real updates per target (K-step matching)
     noise_draws: int = 2  # noise/timestep draws averaged per task gradient
     # Step loss, normalised per tensor: the relative MSE, or the step's direction and length compared apart.

@@ -89,7 +89,7 @@ def gradient_matching_loss(
         raise NonFiniteError("non-finite field output")
     if earlier is None:
         targets, task_losses = real_trajectory(
-            task, unstack_by_shape(theta_hat, groups, psi), inputs, objective, generator, rollout, first=t
+            task, unstack_by_shape(theta_hat, groups, psi), inputs, objective, generator, rollout
         )
         real_steps = [[r - h for r, h in zip(stack_by_shape(target, groups), theta_hat)] for target in targets]
     else:
@@ -97,7 +97,7 @@ def gradient_matching_loss(
         # own points 0 ... t, weighted beta^(t - k). The direction at one point k drawn with that weight is an unbiased
         # target for it: the field learns the average, grounded in real gradients, with no optimiser state to carry.
         plain = dataclasses.replace(objective, momentum=0.0)
-        targets, task_losses = real_trajectory(task, earlier, inputs, plain, generator, 1, first=t)
+        targets, task_losses = real_trajectory(task, earlier, inputs, plain, generator, 1)
         real_steps = [[r - e for r, e in zip(stack_by_shape(targets[0], groups), stack_by_shape(earlier, groups))]]
     # "position" (docs/design.md): only Psi(c, t+k) is fitted, to stopgrad(theta_hat + k real steps), so the field's own
     # start is corrected by the real gradient there and errors do not accumulate along t. "difference" keeps the

@@ -30,7 +30,7 @@ REFERENCE_NAME = "heldout_reference.safetensors"
 FORMAT = "hyperfields-heldout-reference"
 VERSION = 1
 # What `real_trajectory` reads of the objective: any other objective key leaves the reference as it is.
-TRAJECTORY_SETTINGS = ("steps", "step_size", "step_schedule", "update", "momentum", "noise_draws", "max_step_norm")
+TRAJECTORY_SETTINGS = ("steps", "step_size", "update", "momentum", "noise_draws", "max_step_norm")
 
 Losses = tuple[torch.Tensor, torch.Tensor]  # (loss of theta_0, loss of theta_T), each (N,) in photo order
 

@@ -8,7 +8,7 @@ tune, and a stateless rule needs no warm-up from a non-zero start the way Adam's
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,10 +69,7 @@ def refine(
     """Psi(photos, T) refined by `steps` real updates of the field's rule (at `rank` when given) on the loss over all
     the photos, with its losses."""
     require_task(record, "lora", "refining a LoRA")
-    # Refining continues past T, where a decaying schedule's eta is spent: it runs at the constant eta.
-    objective = replace(
-        config_from_dict(record.config, where="the field's config.json").objective, step_schedule="constant"
-    )
+    objective = config_from_dict(record.config, where="the field's config.json").objective
     device = next(field.parameters()).device
     lora_component(record, base_model)
     predicted = predict_lora(field, record, photos, float(field.steps))

@@ -59,16 +59,6 @@ def _direction(stack: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown update rule {rule!r}")
 
 
-def step_sizes(objective: ObjectiveConfig, index: torch.Tensor) -> torch.Tensor:
-    """eta of the update from theta_k to theta_{k+1} for each step index k (any shape), by objective.step_schedule."""
-    index = torch.as_tensor(index, dtype=torch.float32)
-    if objective.step_schedule == "constant":
-        return torch.full_like(index, objective.step_size)
-    if objective.step_schedule == "cosine":
-        return objective.step_size * (1 + torch.cos(torch.pi * (index + 0.5) / objective.steps))
-    raise ValueError(f"unknown step schedule {objective.step_schedule!r}")
-
-
 def update_direction(grads: Weights, rule: str) -> Weights:
     """u(g) per tensor and sample: the gradient (sgd), its sign, or the gradient of unit norm."""
     groups = shape_groups(grads)
@@ -103,13 +93,13 @@ def real_trajectory(
     Without momentum, theta_{k+1} = theta_k - eta u(grad). With objective.momentum = beta, the directions are averaged
     as Adam averages gradients, bias-corrected: m_{k+1} = beta m_k + (1 - beta) u(grad), theta_{k+1} = theta_k -
     eta m_{k+1} / (1 - beta^(k+1)); `velocity` is m at `start` (zero when None) and `first` the number of updates
-    that led to `start` (per sample (N,) or one for all), which also sets each update's eta by objective.step_schedule.
+    that led to `start` (per sample (N,) or one for all).
     """
     theta = {name: w.detach() for name, w in start.items()}
     groups = shape_groups(theta)
     beta = objective.momentum
-    count = torch.as_tensor(first, dtype=torch.float32)  # updates made before each sample's current point
     if beta > 0:
+        count = torch.as_tensor(first, dtype=torch.float32)
         average = (
             [torch.zeros_like(w) for w in stack_by_shape(theta, groups)]
             if velocity is None
@@ -122,15 +112,14 @@ def real_trajectory(
         if not all_finite([losses, *stacked]):
             raise NonFiniteError("non-finite task loss or gradient in a real update")
         start_losses = losses if start_losses is None else start_losses
-        eta = step_sizes(objective, count).to(stacked[0].device)
-        max_norm = objective.max_step_norm / eta.clamp_min(EPS)
+        max_norm = objective.max_step_norm / objective.step_size
         directions = [_cap(_direction(g, objective.update), max_norm) for g in stacked]
-        count = count + 1
         if beta > 0:
             average = [beta * m + (1 - beta) * u for m, u in zip(average, directions)]
+            count = count + 1
             correction = (1 - beta**count).to(stacked[0].device)
-            directions = [m / _per_sample(correction, m) for m in average]
-        updated = [w - _per_sample(eta, u) * u for w, u in zip(stack_by_shape(theta, groups), directions)]
+            directions = [m / correction.view(-1, *([1] * (m.ndim - 1))) for m in average]
+        updated = [w - objective.step_size * u for w, u in zip(stack_by_shape(theta, groups), directions)]
         theta = unstack_by_shape(updated, groups, start)
         trajectory.append(theta)
         if on_step is not None:
@@ -138,14 +127,8 @@ def real_trajectory(
     return trajectory, start_losses
 
 
-def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or per-sample (N,) value shaped to broadcast against a stack (N, n, *shape)."""
-    return value.reshape(-1, *([1] * (like.ndim - 1))) if value.ndim else value
-
-
-def _cap(step: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
-    # Positive feedback guard: larger weights give larger gradients; bound each tensor's step (max_norm per sample,
-    # in units of the direction: the cap on the step over that step's eta).
-    if not bool((max_norm > 0).all()):
+def _cap(step: torch.Tensor, max_norm: float) -> torch.Tensor:
+    # Positive feedback guard: larger weights give larger gradients; bound each tensor's step.
+    if max_norm <= 0:
         return step
-    return step * (_per_sample(max_norm, step) / (tensor_norms(step) + EPS)).clamp(max=1.0)
+    return step * (max_norm / (tensor_norms(step) + EPS)).clamp(max=1.0)

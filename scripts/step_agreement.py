@@ -27,7 +27,7 @@ from hyperfields.field.io import load_field  # noqa: E402
 from hyperfields.streams import stream  # noqa: E402
 from hyperfields.tasks import build_task  # noqa: E402
 from hyperfields.tasks.base import ImageFittingTask  # noqa: E402
-from hyperfields.trajectory import step_sizes, task_gradients, update_direction  # noqa: E402
+from hyperfields.trajectory import task_gradients, update_direction  # noqa: E402
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         cosines, ratios = [], []
         for name in names:
             field_step = (there[name] - here[name]).reshape(n, -1)
-            real_step = (-float(step_sizes(objective, torch.tensor(t))) * real[name]).reshape(n, -1)
+            real_step = (-objective.step_size * real[name]).reshape(n, -1)
             cosines.append(float(torch.nn.functional.cosine_similarity(field_step, real_step, dim=1).mean()))
             ratios.append(float((field_step.norm(dim=1) / real_step.norm(dim=1).clamp_min(1e-12)).mean()))
         if isinstance(task, ImageFittingTask):

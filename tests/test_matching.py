@@ -218,25 +218,3 @@ def test_matching_with_momentum_follows_the_momentum_path_not_the_plain_one(quad
     assert error(with_momentum, momentum_path) < 0.2
     assert error(with_momentum, momentum_path) < 0.85 * error(with_momentum, plain_path)
     assert error(without, plain_path) < 0.85 * error(without, momentum_path)
-
-
-def test_cosine_schedule_decays_each_step_to_zero_over_the_same_path_length(quadratic_task):
-    from hyperfields.trajectory import real_trajectory, step_sizes
-
-    objective = ObjectiveConfig(steps=8, step_size=0.1, update="normalized", step_schedule="cosine", noise_draws=1)
-    etas = step_sizes(objective, torch.arange(8))
-    torch.testing.assert_close(etas.sum(), torch.tensor(0.8))  # eta T, as the constant schedule's
-    assert bool((etas[1:] < etas[:-1]).all()) and etas[-1] < 0.01 * etas[0]
-    images = colour_images(2, seed=4)
-    inputs = quadratic_task.prepare(images, [""] * 2)
-    theta0 = {n: w.expand(2, *w.shape) for n, w in quadratic_task.initial_weights().items()}
-    path, _ = real_trajectory(quadratic_task, theta0, inputs, objective, torch.Generator(), 8)
-    before = theta0
-    for k, theta in enumerate(path):  # a normalised update moves every tensor by exactly its step's eta
-        for n in theta:
-            torch.testing.assert_close((theta[n] - before[n]).flatten(1).norm(dim=1), etas[k].expand(2))
-        before = theta
-    # Started mid-way (as matching starts from the field's point at t), the steps take the etas from t on.
-    resumed, _ = real_trajectory(quadratic_task, path[4], inputs, objective, torch.Generator(), 1, first=5)
-    step = (resumed[0]["layer.bias"] - path[4]["layer.bias"]).norm(dim=1)
-    torch.testing.assert_close(step, etas[5].expand(2))
