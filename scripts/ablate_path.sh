@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The field's output side in docs/benchmarks.md (Ablations: the path and the heads): gradient matching with the
+# preset's objective, trained by scripts/bench_quality.py at a quarter of each benchmark's budget (inr) or the full
+# one (lora), with and without one head per tensor (field.tensor_heads) and the early-moving path components
+# (field.time_constants).
+# Usage: bash scripts/ablate_path.sh OUT_DIR; prints one line a variant, JSON in OUT_DIR.
+set -euo pipefail
+out=${1:?usage: ablate_path.sh OUT_DIR}
+mkdir -p "$out"
+python=${PYTHON:-python}
+run() {  # name, task, budget, fractions, then --set overrides
+  local name=$1 task=$2 budget=$3 fractions=$4
+  shift 4
+  $python scripts/bench_quality.py --task "$task" --budget "$budget" --fractions "$fractions" --arms field "$@" \
+    --work "$out/work-$task" --json "$out/$name.json" > "$out/$name.log" 2>&1
+  $python - "$out/$name.json" "$name" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+cells = "  ".join(f"{arm} " + " / ".join(f"{v:.2f}" for v in values.values()) for arm, values in r["trajectory"].items())
+print(f"{sys.argv[2]:28s} {cells}  ({r['seconds']:.0f} s)", flush=True)
+PY
+}
+run inr-shared-straight   inr 128000 0.25 "--set=field.tensor_heads=false" "--set=field.time_constants=[]"
+run inr-tensor-heads      inr 128000 0.25 "--set=field.time_constants=[]"
+run inr-time-constants    inr 128000 0.25 "--set=field.tensor_heads=false"
+run inr-preset            inr 128000 0.25
+run lora-shared           lora 2000 1 "--set=field.tensor_heads=false"
+run lora-preset           lora 2000 1
+run lora-time-constants   lora 2000 1 "--set=field.time_constants=[3,10,30]"
