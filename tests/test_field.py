@@ -12,7 +12,6 @@ from hyperfields.field.model import HyperField
 from hyperfields.objectives import gradient_matching_loss
 from tests.conftest import QuadraticTask, tiny_vit_encoder
 
-
 PATHS = [{}, {"time_constants": (3.0, 10.0)}, {"tensor_heads": True}]
 
 
