@@ -245,3 +245,5 @@ def test_train_on_subject_folders(tmp_path: Path) -> None:
     assert "8 usable images of 4 subjects" in result.output
     assert "hold no usable photo" in result.output and "empty" in result.output
     assert "recovered fraction R" in result.output
+    # The field is scored shown every photo of a held-out subject (up to data.field_photos) and shown only one.
+    assert "shown 1 photo of each subject instead of up to 4: R = " in result.output
