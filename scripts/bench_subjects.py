@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--heldout-subjects", type=int, default=8)
     parser.add_argument("--draws", type=int, default=16, help="fixed noise draws per photo in the scores")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", default="set,single", help="which fields to train, comma-separated")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config key=value")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -139,9 +140,11 @@ def main() -> None:
         train_subjects = write_subjects(root / "train", TRAIN_PHOTOS, args.train_subjects, size, args.seed)
         heldout = write_subjects(root / "heldout", HELDOUT_PHOTOS, args.heldout_subjects, size, args.seed + 1)
         fields, seconds = {}, {}
-        fields["set"], seconds["set"] = train_arm(set_config, root / "train", root / "set")
-        flat = flatten(train_subjects, root / "flat")
-        fields["single"], seconds["single"] = train_arm(single_config, flat, root / "single")
+        if "set" in args.arms.split(","):
+            fields["set"], seconds["set"] = train_arm(set_config, root / "train", root / "set")
+        if "single" in args.arms.split(","):
+            flat = flatten(train_subjects, root / "flat")
+            fields["single"], seconds["single"] = train_arm(single_config, flat, root / "single")
 
         # Held-out: each subject's 4 photos, rows ordered (subject, photo); theta_T on the loss over all 4.
         task = SubjectTask(build_task(set_config, torch.device("cpu"), torch.float32))
