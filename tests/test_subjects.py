@@ -12,12 +12,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hyperfields.cli.main import app
+from hyperfields.config import InrConfig
 from hyperfields.data import scan_image_folder
 from hyperfields.dataset import split_heldout
+from hyperfields.evaluation import heldout_losses
 from hyperfields.field.model import HyperField
 from hyperfields.manifest import scan_with_manifest
 from hyperfields.streams import photo_draws
 from hyperfields.subjects import group_subjects
+from hyperfields.tasks.base import ImageFittingTask
+from hyperfields.tasks.inr import InrTask
 from hyperfields.tasks.subject import PhotoSets, SubjectTask
 from hyperfields.training.photo_sets import photo_set_conditions
 from tests.conftest import FAST, tiny_vit_encoder
@@ -116,6 +120,17 @@ def test_the_loss_of_a_subject_is_the_mean_over_its_photos(quadratic_task) -> No
         quadratic_task.loss(single, {n: v[:1] for n, v in inputs.items()}, 1, None),
     )
     assert task.layout() == quadratic_task.layout()
+
+
+def test_the_error_of_an_image_fitting_subject_is_the_mean_over_its_photos(quadratic_task) -> None:
+    inr = InrTask(InrConfig(hidden=8, layers=1, frequencies=4), 8, torch.device("cpu"))
+    task = SubjectTask(inr)
+    inputs = task.prepare(torch.rand(6, 3, 8, 8) * 2 - 1, [""] * 6)  # two subjects of three photos
+    weights = {n: w.expand(2, *w.shape) + 0.1 * torch.randn(2, *w.shape) for n, w in inr.initial_weights().items()}
+    per_photo = inr.reconstruction_error({n: w.repeat_interleave(3, 0) for n, w in weights.items()}, inputs)
+    assert isinstance(task, ImageFittingTask) and not isinstance(SubjectTask(quadratic_task), ImageFittingTask)
+    scored = heldout_losses(task, weights, PhotoSets(inputs, 3), draws=1, seed=0)
+    torch.testing.assert_close(scored, per_photo.view(2, 3).mean(1), rtol=0, atol=0)
 
 
 def _trained_looking_field(seed: int = 0) -> HyperField:
@@ -230,3 +245,5 @@ def test_train_on_subject_folders(tmp_path: Path) -> None:
     assert "8 usable images of 4 subjects" in result.output
     assert "hold no usable photo" in result.output and "empty" in result.output
     assert "recovered fraction R" in result.output
+    # The field is scored shown every photo of a held-out subject (up to data.field_photos) and shown only one.
+    assert "shown 1 photo of each subject instead of up to 4: R = " in result.output

@@ -53,7 +53,7 @@ def test_train_writes_a_loadable_field_and_checkpoints(photos, tmp_path):
     result = run_train(photos, tmp_path / "run", "--max-steps", "4", "--checkpoint-every", "2")
     assert result.exit_code == 0, result.output
     assert "skipping" in result.output and "broken.jpg" in result.output
-    assert "recovered fraction R" in result.output
+    assert "recovered fraction R" in result.output and "shown 1 photo" not in result.output  # a flat folder: as before
     assert re.search(r"held-out .* 6/6 real optimisation \(once\)", result.stderr), result.stderr
     record = json.loads((tmp_path / "run" / "field" / "config.json").read_text())
     assert record["trained_steps"] == 4 and record["steps"] == 6 and record["rank"] == 4

@@ -3,6 +3,7 @@ photos, so the real update at every step is DreamBooth's on all of them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +32,21 @@ class SubjectTask:
     def __getattr__(self, name: str) -> Any:
         if name == "task":  # not set yet (a copy being made): never look it up on itself
             raise AttributeError(name)
-        return getattr(self.task, name)
+        value = getattr(self.task, name)
+        if name == "reconstruction_error":  # an image-fitting task's error of a subject: the mean over its photos too
+            return lambda weights, inputs: _over_photos(value, weights, inputs)
+        return value
 
     def loss(self, weights: Weights, inputs: Any, draws: int, generator: torch.Generator) -> torch.Tensor:
-        if not isinstance(inputs, PhotoSets):
-            return self.task.loss(weights, inputs, draws, generator)
-        repeated = {name: w.repeat_interleave(inputs.photos, dim=0) for name, w in weights.items()}
-        per_photo = self.task.loss(repeated, inputs.inputs, draws, generator)  # (N * photos,)
-        return per_photo.view(-1, inputs.photos).mean(dim=1)  # (N,)
+        return _over_photos(lambda w, x: self.task.loss(w, x, draws, generator), weights, inputs)
+
+
+def _over_photos(score: Callable[[Weights, Any], torch.Tensor], weights: Weights, inputs: Any) -> torch.Tensor:
+    """score(weights, inputs) (N,), for PhotoSets the mean of each subject's weights' scores over its photos."""
+    if not isinstance(inputs, PhotoSets):
+        return score(weights, inputs)
+    repeated = {name: w.repeat_interleave(inputs.photos, dim=0) for name, w in weights.items()}
+    return score(repeated, inputs.inputs).view(-1, inputs.photos).mean(dim=1)  # (N,)
 
 
 def base_task(task: Task) -> Task:

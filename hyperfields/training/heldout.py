@@ -1,6 +1,7 @@
 """Held-out evaluation of a run: the reference read from the run folder or computed across the processes, the field
-scored by each process on its share of the held-out subjects (each photo its own in a flat folder; all its photos
-together in a folder of subjects), and R reported by the main process."""
+scored by each process on its share of the held-out subjects (each photo its own in a flat folder; in a folder of
+subjects, the loss over all of a subject's photos, the field shown up to data.field_photos of them and, apart, only
+its first), and R reported by the main process."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class HeldoutShare:
 
     rows: list[int]  # which held-out subjects: heldout_group of this process
     images: torch.Tensor | None  # (n, 3, H, W), or (n, P, 3, H, W) for subjects of P photos; None for no share
-    photo_mask: torch.Tensor | None  # (n, P) where the subjects have different numbers of photos
+    photo_mask: torch.Tensor | None  # (n, P): the photos the field is shown, up to data.field_photos of each subject
     inputs: Any  # the task's prepared inputs of `images` (PhotoSets for subjects of several photos)
     loss_theta0: torch.Tensor  # (N,) of every held-out subject, in subject order
     loss_real: torch.Tensor  # (N,)
@@ -79,6 +80,7 @@ def heldout_share(run: TrainingRun, bars: Progress) -> HeldoutShare:
         inputs = run.task.prepare(images, [item["caption"] for item in items])
     elif rows:
         images, mask, inputs = subject_conditions(run, [subjects[i] for i in rows])
+        mask = mask & (torch.arange(mask.shape[1], device=mask.device) < config.data.field_photos)
 
     def compute(_: list[int]) -> HeldoutReference:  # this process's rows, as above
         draws, seed = config.train.eval_draws, config.train.seed + 99
@@ -115,30 +117,48 @@ class HeldoutEvaluation:
         if self.share is None:
             self.share = heldout_share(run, self.bars)
         share = self.share
+        # Subjects of several photos: the field is scored shown up to data.field_photos of each and, apart, its first.
+        several = max(len(photos) for photos in run.heldout_subjects) > 1
         mine: list[tuple[int, torch.Tensor]] = []
         if share.rows:
             field = accelerator.unwrap_model(run.field)
             field.eval()
-            losses = field_losses(
-                run.task,
-                field,
-                share.images,
-                share.inputs,
-                config.train.eval_draws,
-                config.train.seed + 99,
-                config.objective.steps,
-                group=accelerator.process_index,
-                photo_mask=share.photo_mask,
-            )
+            shown = [(share.images, share.photo_mask)] + ([(share.images[:, :1], None)] if several else [])
+            losses = torch.stack(
+                [
+                    field_losses(
+                        run.task,
+                        field,
+                        images,
+                        share.inputs,
+                        config.train.eval_draws,
+                        config.train.seed + 99,
+                        config.objective.steps,
+                        group=accelerator.process_index,
+                        photo_mask=mask,
+                    )
+                    for images, mask in shown
+                ],
+                dim=1,
+            )  # (n, views)
             field.train()
             mine = list(zip(share.rows, losses.cpu()))
-        scored = dict(gather_object(mine))  # every held-out subject's loss at the field, by subject
+        scored = dict(gather_object(mine))  # every held-out subject's losses at the field, by subject
         recovered = None
         if accelerator.is_main_process:
-            at_field = torch.stack([scored[row] for row in range(len(run.heldout_subjects))])
-            report = HeldoutReport.from_losses(run.task, share.loss_theta0, share.loss_real, at_field)
-            recovered = report.recovered
-            print0(accelerator, f"step {step}: {report.summary()}")
-            accelerator.log(report.metrics(), step=step)
+            at_field = torch.stack([scored[row] for row in range(len(run.heldout_subjects))])  # (N, views)
+            reports = [
+                HeldoutReport.from_losses(run.task, share.loss_theta0, share.loss_real, losses)
+                for losses in at_field.unbind(1)
+            ]
+            recovered = reports[0].recovered
+            metrics = reports[0].metrics()
+            line = f"step {step}: {reports[0].summary()}"
+            if several:
+                one = reports[1].recovered
+                metrics["heldout/R_one_photo"] = one
+                line += f"; shown 1 photo of each subject instead of up to {config.data.field_photos}: R = {one:.3f}"
+            print0(accelerator, line)
+            accelerator.log(metrics, step=step)
         accelerator.wait_for_everyone()
         return recovered
