@@ -12,7 +12,8 @@ run() {  # name, arms, then --set overrides
   local name=$1 arms=$2
   shift 2
   $python scripts/bench_quality.py --task inr --budget "$budget" --fractions 1 --arms "$arms" \
-    --set "train.max_steps=$steps" --set field.width=128 "$@" --work "$out/work" --json "$out/$name.json" \
+    --set "train.max_steps=$steps" --set field.width=128 --set field.tensor_heads=false \
+    --set "field.time_constants=[]" "$@" --work "$out/work" --json "$out/$name.json" \
     > "$out/$name.log" 2>&1
   $python - "$out/$name.json" "$name" <<'PY'
 import json, sys
@@ -30,7 +31,7 @@ run rollout2-end300-cosine-norm field "--set=objective.end_weight=300" "--set=ob
 # Momentum: real optimisation itself changes (a smooth path that goes further in T steps), and with it the targets.
 run momentum09-end300     field "--set=objective.end_weight=300" "--set=objective.loss=relative_mse" "--set=objective.momentum=0.9"
 run momentum09            field "--set=objective.end_weight=0" "--set=objective.loss=relative_mse" "--set=objective.momentum=0.9"
-# Every row runs the 128-wide field the ablations were measured with (the preset is now 256 wide); then the field's
+# Every row runs the field the ablations were measured with (128 wide, one head per shape, t/T alone); then the field's
 # size and learning rate, with the preset's objective (cosine_norm + end 300).
 run width256              field "--set=field.width=256"
 run depth4                field "--set=field.depth=4"
