@@ -24,6 +24,10 @@ run inr-shared-straight   inr 128000 0.25 "--set=field.tensor_heads=false" "--se
 run inr-tensor-heads      inr 128000 0.25 "--set=field.time_constants=[]"
 run inr-time-constants    inr 128000 0.25 "--set=field.tensor_heads=false"
 run inr-preset            inr 128000 0.25
+run inr-time-constants-1  inr 128000 0.25 "--set=field.time_constants=[1,3,10,30]"
+run inr-relative-mse      inr 128000 0.25 "--set=objective.loss=relative_mse"
+run inr-end1000           inr 128000 0.25 "--set=objective.end_weight=1000"
+run inr-end3000           inr 128000 0.25 "--set=objective.end_weight=3000"
 run lora-shared           lora 2000 1 "--set=field.tensor_heads=false"
 run lora-preset           lora 2000 1
 run lora-time-constants   lora 2000 1 "--set=field.time_constants=[3,10,30]"
