@@ -151,7 +151,10 @@ class HyperField(nn.Module):
         count, out = len(self.names), {}
         for key, indices in self.groups.items():
             shape = self.shapes[self.names[indices[0]]]
-            components = torch.stack([x[:, [j * count + i for i in indices]] for j in range(len(coefficients))])
+            if len(coefficients) == 1:
+                components = x[:, indices].unsqueeze(0)  # (1, N * M, n_key, D)
+            else:
+                components = torch.stack([x[:, [j * count + i for i in indices]] for j in range(len(coefficients))])
             generated = self.heads[key](components) * getattr(self, f"scale_{key}")  # (J, N * M, n_key, numel)
             displacement = (coefficients * generated).sum(dim=0)
             out[key] = displacement.view(*displacement.shape[:2], *shape)
