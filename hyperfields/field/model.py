@@ -128,7 +128,7 @@ class HyperField(nn.Module):
             stds.update({self.names[i]: float(scale[j]) for j, i in enumerate(indices)})
         return stds
 
-    def _delta_by_shape(
+    def _displacements(
         self, image_tokens: torch.Tensor, photo_mask: torch.Tensor | None, t: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Psi(c, t) - theta_0 of each group of tensors, by its key: (N * M, n_key, *shape) for t (N, M) and the tokens
@@ -210,7 +210,7 @@ class HyperField(nn.Module):
         theta0 = self.theta0()
         psi = {}
         # Per shape group, not per tensor: a few ops whatever the number of LoRA layers.
-        for key, displacement in self._delta_by_shape(image_tokens, photo_mask, t).items():
+        for key, displacement in self._displacements(image_tokens, photo_mask, t).items():
             start = torch.stack([theta0[self.names[i]] for i in self.groups[key]])  # (n_key, *shape)
             psi[key] = start + displacement
         by_name = self._by_name(psi)  # each (N * M, *shape)
