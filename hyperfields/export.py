@@ -91,8 +91,7 @@ def export_folder(
     subjects = group_subjects(folder, scan_image_folder(folder, warn=warn).records, warn)
     targets: dict[Path, Subject] = {}
     for subject in subjects:
-        loose = subject.records[0].path.relative_to(folder).as_posix() == subject.name
-        name = out / (Path(subject.name).with_suffix(SUFFIX) if loose else f"{subject.name}{SUFFIX}")
+        name = out / (Path(subject.name).with_suffix(SUFFIX) if subject.loose else f"{subject.name}{SUFFIX}")
         if name in targets:
             raise UserError(
                 f"subjects '{targets[name].name}' and '{subject.name}' of '{folder}' would both be exported to "

@@ -54,6 +54,13 @@ def optimised(
     return {name: w[0].detach().cpu() for name, w in trajectory[-1].items()}
 
 
+def subject_inputs(task: Task, photos: PhotoSet, caption: str) -> PhotoSets:
+    """`task`'s prepared inputs of one subject's photos, each captioned `caption`: a SubjectTask's loss on them is the
+    mean of the task's loss over all the photos."""
+    count = len(photos.photos)
+    return PhotoSets(task.prepare(photos.pixels, [caption] * count), count)
+
+
 def refine(
     field: HyperField,
     record: FieldRecord,
@@ -79,8 +86,7 @@ def refine(
     task = SubjectTask(build_lora_task(base_model, lora, device))
     check_base_model(field, record, task.denoiser, base_model)
     caption = caption if caption is not None else record.caption_template.format(token=record.token)
-    count = len(photos.photos)
-    inputs = PhotoSets(task.prepare(photos.pixels.to(device), [caption] * count), count)
+    inputs = subject_inputs(task, photos, caption)
 
     def evaluation_loss(weights: Weights) -> float:
         with torch.no_grad():

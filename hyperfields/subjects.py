@@ -15,6 +15,7 @@ from hyperfields.data import ImageRecord
 class Subject:
     name: str  # the sub-folder's name, or the photo's path relative to the data folder
     records: list[ImageRecord]  # its photos, in scan order
+    loose: bool = False  # a photo lying directly in the data folder, its own subject
 
 
 def group_subjects(
@@ -34,7 +35,7 @@ def group_subjects(
         parts = record.path.relative_to(folder).parts
         name = parts[0] if len(parts) > 1 else Path(*parts).as_posix()
         loose += len(parts) == 1
-        by_name.setdefault(name, Subject(name, [])).records.append(record)
+        by_name.setdefault(name, Subject(name, [], loose=len(parts) == 1)).records.append(record)
     folders = len(by_name) - loose
     if loose and folders:
         warn(

@@ -1,5 +1,5 @@
-"""`hyperfields evaluate`: every arm's images, scored as the command says, and bad input refused before anything
-is written."""
+"""`hyperfields evaluate`: every arm's images, scored as the command says, one subject per sub-folder (all its
+photos) or per photo of a flat folder, and bad input refused before anything is written."""
 
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ def test_evaluate_writes_metrics_table_sheets_and_images(evaluated: Path) -> Non
         for score in ("dino", "clip_i", "clip_t", "face"):
             assert -1.0 <= row[score]["mean"] <= 1.0 and row[score]["std"] >= 0.0
     assert len(metrics["images"]) == len(labels) * 8
+    assert [(s["name"], s["photo_count"]) for s in metrics["subjects"]] == [("000-p0", 1), ("001-p1", 1)]
+    assert {image["subject"] for image in metrics["images"]} == {"000-p0", "001-p1"}
     for image in metrics["images"]:
         assert (evaluated / image["path"]).is_file()
         assert image["scored_prompt"] in ("a photo of dog", "dog on a beach")
@@ -87,8 +89,9 @@ def test_evaluate_writes_metrics_table_sheets_and_images(evaluated: Path) -> Non
     assert all(f"| {label} |" in table for label in labels) and "| DINO | CLIP-I | CLIP-T | face |" in table
     for sheet in ("000-p0.png", "001-p1.png"):
         with Image.open(evaluated / "sheets" / sheet) as image:
-            # A column per prompt (its first image), a row per arm, and the labels.
-            assert 2 * 64 < image.width < 3 * 64 + 100 and len(labels) * 64 < image.height < (len(labels) + 1) * 64
+            # A column per prompt (its first image), a row per arm and one of the subject's photo, and the labels.
+            rows = len(labels) + 1
+            assert 2 * 64 < image.width < 3 * 64 + 100 and rows * 64 < image.height < (rows + 1) * 64
 
 
 def test_the_field_at_t0_is_the_base_model_and_the_trained_arms_are_not(evaluated: Path) -> None:
@@ -160,7 +163,7 @@ def test_refine_arm_is_hyperfields_refine_and_optimise_starts_at_the_fields_thet
     photo = read_photo(trained.photo, record.resolution)
     objective = config_from_dict(record.config).objective
     personaliser = Personaliser(field, record, tiny_task(record), objective, seed=0)
-    refined, _ = personaliser.weights(Arm("refine", record.steps + 2.0, "refine"), photo, subject=0)
+    refined, _ = personaliser.weights(Arm("refine", record.steps + 2.0, "refine"), PhotoSet([photo]), subject=0)
     expected = refine(field, record, PhotoSet([photo]), 2, "tiny", seed=0).lora.tensors
     assert refined.keys() == expected.keys()
     assert all(torch.equal(refined[name], expected[name]) for name in expected)
@@ -173,7 +176,7 @@ def test_the_dreambooth_arm_lowers_the_task_loss_from_theta0(trained: TinyField)
     photo = read_photo(trained.photo, record.resolution)
     objective = config_from_dict(record.config).objective
     personaliser = Personaliser(field, record, tiny_task(record), objective, seed=0, dreambooth_lr=1e-2)
-    trained_lora, _ = personaliser.weights(Arm("dreambooth", 8.0, "dreambooth"), photo, subject=0)
+    trained_lora, _ = personaliser.weights(Arm("dreambooth", 8.0, "dreambooth"), PhotoSet([photo]), subject=0)
     task = personaliser.task
     inputs = task.prepare(photo.pixels.unsqueeze(0), ["a photo of sks"])
 

@@ -29,17 +29,27 @@ def scorers():
 
 def test_identical_images_score_one_and_different_ones_less(scorers) -> None:
     photo, other = random_images(2, seed=0)
-    scores = scorers.score([photo, other], scorers.reference(photo), ["a photo of a dog"] * 2)
+    scores = scorers.score([photo, other], scorers.reference([photo]), ["a photo of a dog"] * 2)
     same, different = scores
     for name in ("dino", "clip_i", "face"):
         assert same[name] == pytest.approx(1.0, abs=1e-5), name
         assert different[name] < 1.0 - 1e-4, name
 
 
+def test_identity_scores_against_several_photos_are_the_mean_over_the_photos(scorers) -> None:
+    first, second, image = random_images(3, seed=2)
+    both = scorers.score([image], scorers.reference([first, second]), ["a dog"])[0]
+    each = [scorers.score([image], scorers.reference([photo]), ["a dog"])[0] for photo in (first, second)]
+    for name in ("dino", "clip_i", "face"):
+        assert both[name] == pytest.approx((each[0][name] + each[1][name]) / 2, abs=1e-6), name
+        assert abs(each[0][name] - each[1][name]) > 1e-4, name  # the two photos score differently
+    assert both["clip_t"] == each[0]["clip_t"]
+
+
 def test_clip_t_is_clips_own_image_text_cosine(scorers) -> None:
     images = random_images(3, seed=1)
     texts = ["a photo of a dog", "an oil painting of a person", "a red backpack"]
-    scores = scorers.score(images, scorers.reference(images[0]), texts)
+    scores = scorers.score(images, scorers.reference(images[:1]), texts)
     path = resolve_model_path("tiny", "clip")
     model, processor = CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
     with torch.no_grad():

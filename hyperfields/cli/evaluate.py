@@ -25,7 +25,9 @@ def evaluate_command(
     images: Annotated[
         Path | None,
         typer.Option(
-            "--images", help="Folder of subject photos, one subject per photo (searched recursively). Required."
+            "--images",
+            help="Folder of subject photos: each sub-folder one subject (all its photos used together), or a flat "
+            "folder with each photo its own subject. Required.",
         ),
     ] = None,
     output: Annotated[
@@ -96,16 +98,15 @@ def evaluate_command(
 ) -> None:
     """Score the base model, the field, refinement and real optimisation on subject photos and prompts."""
 
-    from hyperfields.data import scan_image_folder
     from hyperfields.devices import resolve_device
     from hyperfields.evaluate.arms import arm_rows, parse_arms
     from hyperfields.evaluate.folder import check_output_folder, write_evaluation
     from hyperfields.evaluate.metrics import load_scorers
     from hyperfields.evaluate.prompts import load_prompts
     from hyperfields.evaluate.report import markdown_table
-    from hyperfields.evaluate.run import Plan
+    from hyperfields.evaluate.run import Plan, subject_photos
     from hyperfields.field.io import load_field
-    from hyperfields.predict import read_photo, require_task
+    from hyperfields.predict import read_photos, require_task
     from hyperfields.sampling import Sampling
 
     # The quick checks first, so bad input fails in a second and leaves nothing behind.
@@ -117,15 +118,15 @@ def evaluate_command(
     prompt_list = load_prompts(prompts)
     if not images.is_dir():
         raise UserError(f"--images '{images}' is not a folder of photos")
-    found = scan_image_folder(images).records
+    found = subject_photos(images, warn=lambda message: typer.echo(message, err=True))
     torch_device = resolve_device(device)
     loaded, record = load_field(field, device=torch_device)
     require_task(record, "lora", "evaluate")
     rows = arm_rows(kinds, record.steps, step or [], refine_updates, dreambooth_steps)
-    photos = [read_photo(image.path, record.resolution) for image in found]
+    subjects = {name: read_photos(paths, record.resolution) for name, paths in found.items()}
     scorers = load_scorers(dino_model, clip_model, face_model, torch_device)
     plan = Plan(
-        photos=photos,
+        subjects=subjects,
         prompts=prompt_list,
         token=record.token,
         class_noun=class_noun,
@@ -139,10 +140,10 @@ def evaluate_command(
         "refine_updates": refine_updates if "refine" in kinds else None,
         "dreambooth": {"steps": dreambooth_steps, "learning_rate": dreambooth_lr} if "dreambooth" in kinds else None,
     }
-    label = f"evaluating {len(photos)} subject(s) x {len(rows)} arm(s)"
-    with typer.progressbar(length=len(photos) * len(rows), label=label) as bar:
+    label = f"evaluating {len(subjects)} subject(s) x {len(rows)} arm(s)"
+    with typer.progressbar(length=len(subjects) * len(rows), label=label) as bar:
         summary = write_evaluation(
             loaded, record, plan, base, scorers, output, seed, details, lambda: bar.update(1), dreambooth_lr
         )
     typer.echo(markdown_table(summary, scorers.checkpoints()))
-    typer.echo(f"wrote metrics.json, metrics.md, {len(photos)} contact sheet(s) and the images to '{output}'")
+    typer.echo(f"wrote metrics.json, metrics.md, {len(subjects)} contact sheet(s) and the images to '{output}'")

@@ -19,11 +19,12 @@ from hyperfields.config import LoraConfig, ObjectiveConfig
 from hyperfields.errors import UserError
 from hyperfields.field.model import HyperField
 from hyperfields.field.record import FieldRecord
-from hyperfields.predict import Photo, PhotoSet, predicted_weights
-from hyperfields.refine import optimised
+from hyperfields.predict import PhotoSet, predicted_weights
+from hyperfields.refine import optimised, subject_inputs
 from hyperfields.streams import stream
 from hyperfields.tasks.lora_diffusion import LoraDiffusionTask
 from hyperfields.tasks.lora_flow import LoraFlowTask
+from hyperfields.tasks.subject import SubjectTask
 
 ARMS = ("base", "field", "refine", "optimise", "dreambooth")
 
@@ -93,23 +94,24 @@ class Personaliser:
         dreambooth_lr: float = 1e-4,
     ) -> None:
         self.field, self.objective, self.seed, self.dreambooth_lr = field, objective, seed, dreambooth_lr
-        self.task = task
+        self.task = SubjectTask(task)
         self.caption = record.caption_template.format(token=record.token)
 
-    def weights(self, arm: Arm, photo: Photo, subject: int) -> tuple[dict[str, torch.Tensor] | None, float]:
-        """The arm's LoRA tensors for `photo` (None for the base model), and the seconds they took to make."""
+    def weights(self, arm: Arm, photos: PhotoSet, subject: int) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """The arm's LoRA tensors for the subject of `photos` (None for the base model), and the seconds they took to
+        make."""
         started = time.perf_counter()
         if arm.kind == "base":
             return None, 0.0
         steps = self.field.steps
         if arm.kind == "field":
-            weights = predicted_weights(self.field, PhotoSet([photo]), arm.t)
+            weights = predicted_weights(self.field, photos, arm.t)
         else:
-            inputs = self.task.prepare(photo.pixels.unsqueeze(0).to(self.task.device), [self.caption])
+            inputs = subject_inputs(self.task, photos, self.caption)
             # Each subject and arm draws its own noise, the same on every run.
             generator = stream(self.seed, arm.kind, index=subject, device=self.task.device)
             if arm.kind == "refine":
-                start = predicted_weights(self.field, PhotoSet([photo]), float(steps))
+                start = predicted_weights(self.field, photos, float(steps))
                 weights = optimised(self.task, start, inputs, self.objective, int(arm.t) - steps, generator)
             elif arm.kind == "optimise":
                 weights = optimised(self.task, self.task.initial_weights(), inputs, self.objective, steps, generator)

@@ -67,7 +67,11 @@ def write_evaluation(
         "sampling": {**asdict(plan.sampling), "scheduler": type(pipeline.scheduler).__name__},
         "seed": seed,
         "checkpoints": scorers.checkpoints(),
-        "photos": [str(photo.path) for photo in plan.photos],
+        "photos": [str(photo.path) for photos in plan.subjects.values() for photo in photos.photos],
+        "subjects": [
+            {"name": name, "photo_count": len(photos.photos), "photos": [str(photo.path) for photo in photos.photos]}
+            for name, photos in plan.subjects.items()
+        ],
         "hyperfields_version": hyperfields.__version__,
     }
     summary: dict[str, Any] = {}

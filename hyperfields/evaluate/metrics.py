@@ -2,8 +2,9 @@
 
 Every score is a cosine similarity of two embeddings (at most 1; in practice between 0 and 1), as personalisation
 papers report them: DINO (the CLS token of a self-supervised ViT) and CLIP-I (CLIP's projected image embedding)
-between a generated image and the subject's photo, CLIP-T between a generated image and its prompt, and face
-between the pooled outputs of a face model. Images are preprocessed by each model's own image processor.
+between a generated image and the subject's photos (the mean over its photos), CLIP-T between a generated image
+and its prompt, and face between the pooled outputs of a face model (also the mean over the photos). Images are
+preprocessed by each model's own image processor.
 """
 
 from __future__ import annotations
@@ -94,10 +95,11 @@ class Scorers:
             "face": self.face.name if self.face is not None else None,
         }
 
-    def reference(self, photo: Image.Image) -> dict[str, torch.Tensor]:
-        """The subject photo's embeddings that generated images are compared with, by score name."""
+    def reference(self, photos: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """What generated images are compared with, by score name: the mean of the unit-norm embeddings of the
+        subject's `photos`, so an image's score is the mean of its cosines with each photo."""
         embedders = {"dino": self.dino, "clip_i": self.clip, "face": self.face}
-        return {name: embed([photo])[0] for name, embed in embedders.items() if embed is not None}
+        return {name: embed(photos).mean(dim=0) for name, embed in embedders.items() if embed is not None}
 
     def score(
         self, images: list[Image.Image], reference: dict[str, torch.Tensor], texts: list[str]

@@ -72,7 +72,7 @@ def write_report(folder: Path, evaluation: Evaluation, arms: list[Arm], details:
         record = asdict(image)
         record.update(record.pop("scores"))
         images.append(record)
-    metrics = {"format": FORMAT, "format_version": 1, "scale": SCALE, **details, "arms": summary, "images": images}
+    metrics = {"format": FORMAT, "format_version": 2, "scale": SCALE, **details, "arms": summary, "images": images}
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write(Path(folder) / "metrics.json", lambda temporary: temporary.write_text(text, encoding="utf-8"))
     table = markdown_table(summary, checkpoints)
