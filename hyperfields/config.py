@@ -144,8 +144,9 @@ class DataConfig:
     caption_template: str = "a photo of {token}"
     token: str = "sks"  # the identifier token of the personalised subject
     # A subject is a sub-folder of the data folder (a flat folder: one photo each). The real update at every step
-    # takes the task's loss over this many of the subject's photos (fewer when no subject has as many).
-    photos_per_subject: int = 4
+    # takes the task's loss over this many of the subject's photos (fewer when no subject has as many), drawn anew at
+    # each step: with 1, stochastic DreamBooth over all of them, and 4 times the subjects a step of 4 at one budget.
+    photos_per_subject: int = 1
     field_photos: int = 4  # the field sees 1..this many of a subject's photos per step, drawn at random
 
 

@@ -11,9 +11,10 @@ what it learns from all 4, and no field can gain from seeing more.) Training sub
 held-out ones from photos of other kinds (bench_quality.py's lists).
 
 Arms, at the same budget of task evaluations (per step, the loss of one photo once counts one):
-- `set`: subject folders, data.photos_per_subject = 4 (the real update over all 4 photos), the field shown 1..4
-  of them; train.batch_size subjects per step.
-- `single`: the same photos in a flat folder, each its own subject as before; 4 x train.batch_size per step.
+- `set`: subject folders, the real update over data.photos_per_subject of a subject's 4 photos (all 4 by default,
+  drawn anew for every task gradient when fewer), the field shown 1..4 of them; 4 x --batch-size / that many
+  subjects per step.
+- `single`: the same photos in a flat folder, each its own subject as before; 4 x --batch-size per step.
 
 Every arm is scored on each held-out subject's 4 photos on fixed draws: R = (L(theta_0) - L(Psi(c, T))) /
 (L(theta_0) - L(theta_T)) where theta_T is T real updates on the loss over all 4 photos and c is 1 photo (each
@@ -120,7 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each arm")
-    parser.add_argument("--batch-size", type=int, default=4, help="subjects per step of the set arm")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="4 x this photo losses a step for every arm (subjects of the set arm)"
+    )
     parser.add_argument("--train-subjects", type=int, default=32)
     parser.add_argument("--heldout-subjects", type=int, default=8)
     parser.add_argument("--draws", type=int, default=16, help="fixed noise draws per photo in the scores")
@@ -131,8 +134,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = [f"train.max_steps={args.steps}", "train.heldout=0", "train.eval_every=0", "train.checkpoint_every=0"]
-    set_config = load_config(args.config, [*base, f"train.batch_size={args.batch_size}", *args.overrides])
-    single_config = load_config(args.config, [*base, f"train.batch_size={PHOTOS * args.batch_size}", *args.overrides])
+    # Every arm spends PHOTOS x --batch-size photo losses a step: the set arm takes that many subjects over the number
+    # of photos each of its task gradients takes (data.photos_per_subject).
+    budget = PHOTOS * args.batch_size
+    per_subject = min(load_config(args.config, args.overrides).data.photos_per_subject, PHOTOS)
+    set_config = load_config(args.config, [*base, f"train.batch_size={budget // per_subject}", *args.overrides])
+    single_config = load_config(args.config, [*base, f"train.batch_size={budget}", *args.overrides])
     size = set_config.model.resolution
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
